@@ -73,9 +73,6 @@ class MSDeformAttn(nn.Module):
         """
         n, lq, _ = query.shape
         _, s, _ = input_flatten.shape
-        expected = int((input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum())
-        if expected != s:
-            raise ValueError(f"input_flatten has {s} tokens but spatial shapes describe {expected}")
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)

@@ -1,0 +1,145 @@
+"""Compile and load the MSDA kernels (``torch.utils.cpp_extension`` + ninja, cached).
+
+The library registers the operators ``cellvta::ms_deform_attn`` and
+``cellvta::ms_deform_attn_backward`` (schema and CPU kernels; CUDA kernels too when built with
+CUDA). Builds are cached by ``torch.utils.cpp_extension`` under ``$TORCH_EXTENSIONS_DIR``
+(default ``~/.cache/torch_extensions``) and rebuilt only when a source or flag changes.
+
+Ahead of time: ``python -m custom_ops.build`` (``--cuda`` forces the CUDA build, ``--build-dir``
+chooses the cache folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+CPU_SOURCES = (CSRC / "ms_deform_attn.cpp",)
+CUDA_SOURCES = CPU_SOURCES + (CSRC / "cuda" / "ms_deform_attn.cu",)
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+CUDA_CFLAGS = ["-O3"]
+
+_lock = threading.Lock()
+_loaded: dict[bool, str] = {}
+_failed: dict[bool, BuildError] = {}
+
+
+class BuildError(RuntimeError):
+    """The MSDA extension could not be compiled or loaded."""
+
+
+def cuda_wanted() -> bool:
+    """Whether the default build includes the CUDA kernels (a CUDA device is usable)."""
+    return torch.cuda.is_available() and torch.version.cuda is not None
+
+
+def cuda_library_includes() -> list[str]:
+    """Header folders of the CUDA libraries installed as ``nvidia-*`` wheels beside torch.
+
+    PyPI's CUDA builds of torch take cuBLAS, cuSPARSE and friends from those wheels, so their
+    headers (needed by ``ATen/cuda``) are there rather than in the toolkit.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return sorted(str(d) for root in roots for d in root.glob("*/include") if d.is_dir())
+
+
+def cuda_runtime_ldflags(cuda_home: str) -> list[str]:
+    """``-L`` for the toolkit folder holding ``libcudart.so`` when it is ``lib`` rather than ``lib64``."""
+    return [f"-L{d}" for d in (Path(cuda_home) / "lib", Path(cuda_home) / "lib64") if (d / "libcudart.so").exists()]
+
+
+def build(cuda: bool, build_directory: str | os.PathLike | None = None, verbose: bool = False) -> str:
+    """Compile (if needed) and load the extension; return the path of the shared library.
+
+    Args:
+        cuda: include ``csrc/cuda/ms_deform_attn.cu`` (needs nvcc and a CUDA build of torch).
+        build_directory: cache folder; ``None`` uses ``torch.utils.cpp_extension``'s default.
+        verbose: print the compiler commands and output.
+
+    Raises:
+        BuildError: with the reason (missing compiler, compile error, load error).
+    """
+    from torch.utils import cpp_extension
+
+    name = "cellvta_msda_cuda" if cuda else "cellvta_msda_cpu"
+    if build_directory is not None:
+        Path(build_directory).mkdir(parents=True, exist_ok=True)
+    try:
+        if cuda and cpp_extension.CUDA_HOME is None:
+            raise BuildError("CUDA build requested but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+        path = cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in (CUDA_SOURCES if cuda else CPU_SOURCES)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS + (cuda_runtime_ldflags(cpp_extension.CUDA_HOME) if cuda else []),
+            extra_cuda_cflags=CUDA_CFLAGS if cuda else None,
+            build_directory=None if build_directory is None else str(build_directory),
+            extra_include_paths=cuda_library_includes() if cuda else None,
+            with_cuda=cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except BuildError:
+        raise
+    except Exception as exc:  # compiler, linker and loader failures all surface here
+        raise BuildError(f"building {name} failed: {_summary(str(exc))}") from exc
+    return str(path)
+
+
+def load_library() -> str:
+    """Build and load the default extension once per process (CPU, plus CUDA when usable).
+
+    Returns the library path; raises (every time, from the cached failure) ``BuildError``.
+    """
+    cuda = cuda_wanted()
+    with _lock:
+        if cuda in _loaded:
+            return _loaded[cuda]
+        if cuda in _failed:
+            raise _failed[cuda]
+        if _loaded:  # the schema is already registered by the other flavour
+            return next(iter(_loaded.values()))
+        try:
+            _loaded[cuda] = build(cuda)
+        except BuildError as exc:
+            _failed[cuda] = exc
+            raise
+        from . import ops
+
+        ops.register()
+        return _loaded[cuda]
+
+
+def _summary(text: str, lines: int = 8) -> str:
+    """The compiler's error lines when there are any, else the end of the output."""
+    all_lines = text.strip().splitlines()
+    errors = [line for line in all_lines if "error" in line.lower() and not line.startswith("FAILED")]
+    return "\n".join(errors[:lines] if errors else all_lines[-lines:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m custom_ops.build [--cuda | --cpu] [--build-dir DIR] [--verbose]``."""
+    parser = argparse.ArgumentParser(prog="python -m custom_ops.build", description=__doc__.splitlines()[0])
+    flavour = parser.add_mutually_exclusive_group()
+    flavour.add_argument("--cuda", action="store_true", help="build with the CUDA kernels")
+    flavour.add_argument("--cpu", action="store_true", help="build the CPU kernels only")
+    parser.add_argument("--build-dir", default=None, help="cache folder (default: torch's extensions folder)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    cuda = args.cuda or (not args.cpu and cuda_wanted())
+    path = build(cuda, args.build_dir, args.verbose)
+    keys = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key("cellvta::ms_deform_attn", k)]
+    print(f"built {path} (kernels: {', '.join(keys)})")
+
+
+if __name__ == "__main__":
+    main()
