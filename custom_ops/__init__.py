@@ -72,7 +72,8 @@ def ms_deform_attn(
 
     Bilinear sampling equals ``grid_sample(mode="bilinear", padding_mode="zeros",
     align_corners=False)`` at ``grid = 2 * loc - 1``. Under ``torch.autocast`` half-precision
-    inputs are cast to float32 and the output is float32.
+    inputs are cast to float32 and the output is float32; outside autocast, half-precision inputs
+    are computed in float32 and the output is cast back to value's dtype.
 
     Args:
         value: ``(N, S, M, D)`` values of all levels, flattened row-major and concatenated.
@@ -91,14 +92,21 @@ def ms_deform_attn(
                 _as_float32(value), spatial_shapes, level_start_index,
                 _as_float32(sampling_locations), _as_float32(attention_weights),
             )
+    if isinstance(value, torch.Tensor) and value.dtype in _HALF_DTYPES:
+        out = ms_deform_attn(_as_float32(value), spatial_shapes, level_start_index,
+                             _as_float32(sampling_locations), _as_float32(attention_weights))
+        return out.to(value.dtype)
     args = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if implementation(device_type) == "compiled":
         return torch.ops.cellvta.ms_deform_attn(*args)
     return ms_deform_attn_reference(*args)
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _as_float32(t: torch.Tensor) -> torch.Tensor:
-    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+    if isinstance(t, torch.Tensor) and t.dtype in _HALF_DTYPES:
         return t.float()
     return t
 

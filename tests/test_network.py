@@ -188,3 +188,17 @@ def test_presets_cover_the_foundation_models():
     for name, tokens in (("uni2-h", 9), ("virchow2", 5), ("h-optimus-0", 5)):
         vit, _ = create_vit(name, device="meta")
         assert vit.num_prefix_tokens == tokens, name
+
+
+def test_inference_preparation_keeps_the_outputs():
+    from scripts.inference import prepare_for_inference
+
+    model, x = small_cellvta(), images(1, 128)
+    with torch.no_grad():
+        ref = model(x)
+    dtype = prepare_for_inference(model, torch.device("cpu"), torch.bfloat16)
+    assert dtype == torch.bfloat16 and model.encoder.spm.fc1.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        low = model(x.to(dtype=dtype, memory_format=torch.channels_last))
+    for key in ("nuclei_binary_map", "hv_map", "nuclei_type_map"):
+        assert (low[key].float() - ref[key]).abs().max() <= 0.05 * ref[key].abs().max(), key

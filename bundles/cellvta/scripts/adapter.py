@@ -70,6 +70,11 @@ def reference_points(grids: GridSizes, device: torch.device, dtype: torch.dtype)
     return torch.cat(points)[None, :, None]
 
 
+def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Row-major tokens ``(B, h*w, C)`` as a map ``(B, C, h, w)`` (a channels-last view, no copy)."""
+    return tokens.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+
+
 def level_layout(grids: GridSizes, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``spatial_shapes (L, 2)`` and ``level_start_index (L,)`` (int64) of the grids."""
     shapes = torch.tensor(grids, dtype=torch.int64, device=device)
@@ -86,10 +91,8 @@ class DWConv(nn.Module):
 
     def forward(self, x: torch.Tensor, grids: GridSizes) -> torch.Tensor:
         """``(B, sum h*w, C)`` -> same shape."""
-        b, _, c = x.shape
         parts = x.split([h * w for h, w in grids], dim=1)
-        out = [self.dwconv(p.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
-               for p, (h, w) in zip(parts, grids)]
+        out = [self.dwconv(tokens_to_map(p, h, w)).permute(0, 2, 3, 1).flatten(1, 2) for p, (h, w) in zip(parts, grids)]
         return torch.cat(out, dim=1)
 
 
@@ -302,16 +305,15 @@ class AdapterEncoder(nn.Module):
             raise ValueError(f"input size {h}x{w} must be a multiple of 16")
         layout = self.layout(h, w, x.device, x.dtype)
         c1, c2, c3, c4 = self.spm(x)
-        c = torch.cat([m.flatten(2).transpose(1, 2) + self.level_embed[i] for i, m in enumerate((c2, c3, c4))], 1)
+        c = torch.cat([m.permute(0, 2, 3, 1).flatten(1, 2) + self.level_embed[i] for i, m in enumerate((c2, c3, c4))], 1)
         tokens, prefix = self.embed(x)
         vit_outs = []
         for interaction, group in zip(self.interactions, self.groups):
             blocks = self.vit.blocks[group.start:group.stop]
             tokens, prefix, c = interaction(tokens, prefix, c, blocks, layout, self.cls_through_blocks)
-            vit_outs.append(tokens.transpose(1, 2).reshape(b, self.embed_dim, h // 16, w // 16))
+            vit_outs.append(tokens_to_map(tokens, h // 16, w // 16))
         grids = layout["spm_grids"]
-        maps = [part.transpose(1, 2).reshape(b, self.embed_dim, gh, gw)
-                for part, (gh, gw) in zip(c.split([gh * gw for gh, gw in grids], 1), grids)]
+        maps = [tokens_to_map(part, gh, gw) for part, (gh, gw) in zip(c.split([gh * gw for gh, gw in grids], 1), grids)]
         pyramid = [self.up(maps[0]) + c1, *maps]
         norms = (self.norm1, self.norm2, self.norm3, self.norm4)
         features = [

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .adapter import AdapterEncoder
+from .adapter import AdapterEncoder, tokens_to_map
 from .backbones import OFFICIAL_MEAN, OFFICIAL_STD, apply_freeze_policy, create_vit, load_vit_weights, read_state_dict
 
 BRANCHES = ("nuclei_binary_map", "hv_map", "nuclei_type_map")
@@ -146,7 +146,7 @@ class ViTEncoder(nn.Module):
         for i, block in enumerate(self.vit.blocks):
             seq = block(seq)
             if i in self.extract:
-                outs.append(seq[:, n_prefix:].transpose(1, 2).reshape(b, self.embed_dim, h // 16, w // 16))
+                outs.append(tokens_to_map(seq[:, n_prefix:], h // 16, w // 16))
         tissue = None
         if self.head is not None:
             normed = self.vit.norm(seq)
