@@ -149,7 +149,7 @@ def test_module_offsets_start_on_the_deformable_detr_grid():
     "change,error,message",
     [
         (lambda a: (a[0].double(),) + a[1:], TypeError, "share one dtype"),
-        (lambda a: (a[0].half(), a[1], a[2], a[3].half(), a[4].half()), TypeError, "float32 or float64"),
+        (lambda a: (a[0].long(), a[1], a[2], a[3].long(), a[4].long()), TypeError, "float32 or float64"),
         (lambda a: (a[0][:, :-1],) + a[1:], ValueError, "describe"),
         (lambda a: a[:2] + (a[2] + 1,) + a[3:], ValueError, "level_start_index"),
         (lambda a: a[:3] + (a[3][:, :, :1],) + a[4:], ValueError, "share N"),
@@ -162,6 +162,15 @@ def test_bad_inputs_are_refused_with_a_clear_error(change, error, message):
     args = change(make_inputs(2, 4, 2, [(4, 4), (2, 2)], 5, torch.float32))
     with pytest.raises(error, match=message):
         ms_deform_attn(*args)
+
+
+def test_half_precision_inputs_compute_in_float32_and_keep_their_dtype():
+    value, shapes, starts, loc, weights = make_inputs(2, 4, 2, [(4, 4), (2, 2)], 5, torch.float32)
+    out = ms_deform_attn(value.bfloat16(), shapes, starts, loc.bfloat16(), weights.bfloat16())
+    expected = ms_deform_attn_reference(value.bfloat16().float(), shapes, starts, loc.bfloat16().float(),
+                                        weights.bfloat16().float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16())
 
 
 def test_non_contiguous_inputs_are_handled():
