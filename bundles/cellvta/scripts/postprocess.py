@@ -1,0 +1,378 @@
+"""HoVer-Net post-processing: nuclei instances, types, centroids, boxes and contours from the network's maps.
+
+The algorithm is CellViT's ``DetectionCellPostProcessor`` (reference §7.1) and reproduces it exactly:
+
+1. nuclei mask = ``nuclei_prob >= 0.5``; 4-connected components under 10 px are removed;
+2. each HV channel is min-max normalised to [0, 1] (a constant channel becomes 0);
+3. Sobel derivative of HV-x along x and of HV-y along y (kernel 21 at 40x, 11 at 20x), each min-max
+   normalised and inverted: ``s = 1 - norm(sobel)``;
+4. ``overall = max(s_x, s_y) - (1 - mask)`` clipped at 0;
+5. ``dist = -GaussianBlur((1 - overall) * mask, 3x3, sigma 0.8)``;
+6. markers = ``mask`` minus the border ``overall >= 0.4``, holes filled, opened with a 5x5 ellipse,
+   4-connected components under the marker size (10 at 40x, 3 at 20x) removed;
+7. ``skimage.segmentation.watershed(dist, markers, mask=mask)``.
+
+Per-nucleus work is vectorised over the whole tile (``bincount`` for areas, centroids and type votes,
+``find_objects`` for boxes); only the contour is traced per nucleus, on its own bounding-box crop.
+
+Nuclei whose contour has fewer than 3 points (straight lines one pixel wide) follow the reference:
+they stay in the instance map but are left out of :class:`Nuclei`, so ``Nuclei.ids`` lists the
+instance ids that have an entry, and :meth:`Nuclei.type_map` gives such nuclei type 0 (background).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+__all__ = [
+    "MAGNIFICATION_PRESETS",
+    "Nuclei",
+    "hovernet_postprocess",
+    "instance_centroids",
+    "instance_map_from_hv",
+    "nuclei_from_instance_map",
+]
+
+#: Per magnification: Sobel kernel size and the minimum marker size in pixels (reference §7.1).
+MAGNIFICATION_PRESETS: dict[int, tuple[int, int]] = {40: (21, 10), 20: (11, 3)}
+MASK_THRESHOLD = 0.5
+MASK_MIN_SIZE = 10
+MARKER_THRESHOLD = 0.4
+MIN_CONTOUR_POINTS = 3
+_OPENING_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+
+
+@dataclass
+class Nuclei:
+    """Per-nucleus results, one row per entry of ``ids`` (ascending instance ids of the instance map).
+
+    Attributes:
+        ids: (N,) int32 instance ids in the instance map.
+        types: (N,) int32 class by majority vote (0 only when no type prediction was given).
+        type_probs: (N,) float32 fraction of the nucleus' pixels voting for ``types`` (0 without types).
+        centroids: (N, 2) float64 centre of mass as (x, y) in pixels.
+        bboxes: (N, 2, 2) int32 ``[[rmin, cmin], [rmax, cmax]]``, max exclusive.
+        contours: N arrays (K, 2) int32 of (x, y) outer-contour vertices (OpenCV simple chain), K >= 3.
+    """
+
+    ids: np.ndarray
+    types: np.ndarray
+    type_probs: np.ndarray
+    centroids: np.ndarray
+    bboxes: np.ndarray
+    contours: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @classmethod
+    def empty(cls) -> Nuclei:
+        """No nuclei."""
+        return cls(
+            ids=np.zeros(0, np.int32),
+            types=np.zeros(0, np.int32),
+            type_probs=np.zeros(0, np.float32),
+            centroids=np.zeros((0, 2), np.float64),
+            bboxes=np.zeros((0, 2, 2), np.int32),
+            contours=[],
+        )
+
+    def type_map(self, inst_map: np.ndarray) -> np.ndarray:
+        """Type of each pixel: the type of its nucleus, 0 for background and for nuclei without an entry.
+
+        Args:
+            inst_map: (..., H, W) integer instance map these nuclei were taken from.
+
+        Returns:
+            (..., H, W) int32 type map.
+        """
+        lut = np.zeros(int(max(inst_map.max(initial=0), self.ids.max(initial=0))) + 1, np.int32)
+        lut[self.ids] = self.types
+        return np.take(lut, inst_map)
+
+
+def _check_maps(nuclei_prob: np.ndarray, hv_map: np.ndarray, type_prob: np.ndarray | None) -> None:
+    """Raise ValueError naming the argument when a map has the wrong shape or non-finite values."""
+    if nuclei_prob.ndim != 2:
+        raise ValueError(f"nuclei_prob must have shape (H, W), got {nuclei_prob.shape}")
+    shape = nuclei_prob.shape
+    if hv_map.shape != (2, *shape):
+        raise ValueError(f"hv_map must have shape (2, H, W) = (2, {shape[0]}, {shape[1]}), got {hv_map.shape}")
+    if type_prob is not None and (type_prob.ndim != 3 or type_prob.shape[1:] != shape or type_prob.shape[0] < 1):
+        raise ValueError(f"type_prob must have shape (C, {shape[0]}, {shape[1]}) with C >= 1, got {type_prob.shape}")
+    named = (("nuclei_prob", nuclei_prob), ("hv_map", hv_map), ("type_prob", type_prob))
+    for name, arr in named:
+        if arr is not None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _large_components(binary: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
+    """4-connected components of at least ``min_size`` pixels, numbered 1..n in raster order of their first pixel.
+
+    Same components and numbering as ``ndimage.label`` followed by removal of the small ones and relabelling.
+
+    Args:
+        binary: (H, W) bool.
+
+    Returns:
+        (H, W) int32 labels and n.
+    """
+    count, labels = cv2.connectedComponents(binary.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    keep = np.bincount(labels.ravel(), minlength=count) >= min_size
+    keep[0] = False
+    n = int(keep.sum())
+    if n == count - 1:
+        return labels, n
+    lut = np.zeros(count, np.int32)
+    lut[keep] = np.arange(1, n + 1, dtype=np.int32)
+    return np.take(lut, labels), n
+
+
+def _fill_holes(binary: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes``: background not 4-connected to the image edge becomes foreground.
+
+    One flood fill from outside a one-pixel frame marks the background that reaches the edge.
+
+    Args:
+        binary: (H, W) bool.
+
+    Returns:
+        (H, W) bool.
+    """
+    framed = np.zeros((binary.shape[0] + 2, binary.shape[1] + 2), np.uint8)
+    framed[1:-1, 1:-1] = binary
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
+
+
+def _minmax(img: np.ndarray) -> np.ndarray:
+    """Min-max normalise to [0, 1] as float32 (``cv2.normalize``, NORM_MINMAX; a constant image becomes 0)."""
+    return cv2.normalize(img, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+
+
+def instance_map_from_hv(nuclei_prob: np.ndarray, hv_map: np.ndarray, magnification: int = 40) -> np.ndarray:
+    """Watershed instance map from the nuclei probability and the HV maps (steps 1-7 of the module docstring).
+
+    Args:
+        nuclei_prob: (H, W) float nucleus probability.
+        hv_map: (2, H, W) float HV maps, channel 0 horizontal (x), channel 1 vertical (y).
+        magnification: 40 or 20; selects the Sobel kernel and the marker size.
+
+    Returns:
+        (H, W) int32 instance map, 0 background, nuclei numbered 1..N in raster order of their markers.
+    """
+    if magnification not in MAGNIFICATION_PRESETS:
+        raise ValueError(f"magnification must be one of {sorted(MAGNIFICATION_PRESETS)}, got {magnification}")
+    ksize, marker_min_size = MAGNIFICATION_PRESETS[magnification]
+
+    mask = np.asarray(nuclei_prob, dtype=np.float32) >= MASK_THRESHOLD
+    labels, n = _large_components(mask, MASK_MIN_SIZE)
+    if n == 0:
+        return np.zeros(mask.shape, np.int32)
+    mask = labels > 0
+
+    hv = np.asarray(hv_map, dtype=np.float32)
+    sobel_x = cv2.Sobel(_minmax(hv[0]), cv2.CV_64F, 1, 0, ksize=ksize)
+    sobel_y = cv2.Sobel(_minmax(hv[1]), cv2.CV_64F, 0, 1, ksize=ksize)
+    overall = np.maximum(1 - _minmax(sobel_x), 1 - _minmax(sobel_y))
+
+    energy = np.subtract(1.0, overall, dtype=np.float64)
+    energy[~mask] = 0.0
+    dist = cv2.GaussianBlur(energy, (3, 3), 0)
+    np.negative(dist, out=dist)
+
+    marker = _fill_holes(mask & (overall < np.float64(MARKER_THRESHOLD)))
+    marker = cv2.morphologyEx(marker.view(np.uint8), cv2.MORPH_OPEN, _OPENING_KERNEL)
+    markers, n = _large_components(marker.view(bool), marker_min_size)
+    if n == 0:
+        return np.zeros(mask.shape, np.int32)
+    return watershed(dist, markers=markers, mask=mask).astype(np.int32, copy=False)
+
+
+def _argmax_channels(prob: np.ndarray) -> np.ndarray:
+    """``prob.argmax(axis=0)`` (first maximum wins) in C vectorised passes, several times faster for small C.
+
+    Args:
+        prob: (C, ...) array.
+
+    Returns:
+        (...) int64 channel index.
+    """
+    best = prob[0].copy()
+    index = np.zeros(prob.shape[1:], np.int64)
+    for c in range(1, prob.shape[0]):
+        better = prob[c] > best
+        index[better] = c
+        np.maximum(best, prob[c], out=best)
+    return index
+
+
+def _foreground(inst_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices (M,) of the non-zero pixels of an (H, W) instance map and their ids (M,)."""
+    flat = np.flatnonzero(inst_map)
+    return flat, inst_map.ravel()[flat]
+
+
+def _vote_types(labels: np.ndarray, pixel_types: np.ndarray, n_classes: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Majority type per nucleus; if background wins and another class is present, the runner-up wins.
+
+    Ties go to the smaller class id. ``type_prob`` = winner's pixel count / (area + 1e-6).
+
+    Args:
+        labels: (M,) instance id of each foreground pixel.
+        pixel_types: (M,) int class of each foreground pixel, in [0, n_classes).
+        n_classes: number of classes including background.
+        ids: (N,) instance ids to vote for, ascending.
+
+    Returns:
+        types (N,) int32 and type_probs (N,) float64.
+    """
+    codes = labels.astype(np.int64) * n_classes + pixel_types
+    counts = np.bincount(codes, minlength=(int(ids[-1]) + 1) * n_classes)
+    counts = counts.reshape(-1, n_classes)[ids]
+    types = counts.argmax(axis=1)
+    if n_classes > 1:
+        runner_up = counts[:, 1:].argmax(axis=1) + 1
+        use_runner_up = (types == 0) & (counts[:, 1:].max(axis=1) > 0)
+        types = np.where(use_runner_up, runner_up, types)
+    area = counts.sum(axis=1)
+    probs = counts[np.arange(ids.shape[0]), types] / (area + 1.0e-6)
+    return types.astype(np.int32), probs
+
+
+def _centroids(flat: np.ndarray, labels: np.ndarray, width: int, ids: np.ndarray, top_left: np.ndarray) -> np.ndarray:
+    """Centroids (N, 2) float64 (x, y) from the foreground's flat indices (M,) and ids (M,); see
+    :func:`instance_centroids`."""
+    rows, cols = np.divmod(flat, width)
+    size = int(ids[-1]) + 1
+    area = np.bincount(labels, minlength=size)[ids].astype(np.float64)
+    m10 = np.bincount(labels, weights=cols, minlength=size)[ids] - top_left[:, 1] * area
+    m01 = np.bincount(labels, weights=rows, minlength=size)[ids] - top_left[:, 0] * area
+    return np.stack([m10 / area + top_left[:, 1], m01 / area + top_left[:, 0]], axis=1)
+
+
+def instance_centroids(inst_map: np.ndarray, ids: np.ndarray, top_left: np.ndarray) -> np.ndarray:
+    """Centre of mass (x, y) of each nucleus, bit-identical to ``cv2.moments`` on its bounding-box crop.
+
+    One pass over the tile's foreground (``bincount``); the moments are taken relative to each box's top-left
+    corner, as ``cv2.moments`` on the crop does, so the result matches it to the last bit.
+
+    Args:
+        inst_map: (H, W) integer instance map.
+        ids: (N,) instance ids present in the map, ascending.
+        top_left: (N, 2) int (rmin, cmin) of each nucleus' bounding box.
+
+    Returns:
+        (N, 2) float64 (x, y).
+    """
+    if len(ids) == 0:
+        return np.zeros((0, 2), np.float64)
+    flat, labels = _foreground(inst_map)
+    return _centroids(flat, labels, inst_map.shape[1], ids, top_left)
+
+
+def _contours(inst_map: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+    """Outer contour of each nucleus from its bounding-box crop (``cv2.findContours``, simple chain).
+
+    Args:
+        inst_map: (H, W) integer instance map.
+        ids: (N,) instance ids.
+        boxes: (N, 2, 2) int ``[[rmin, cmin], [rmax, cmax]]``.
+
+    Returns:
+        N arrays (K, 2) int32 of (x, y) in tile coordinates (K may be < 3).
+    """
+    out = []
+    for i, ((r0, c0), (r1, c1)) in zip(ids.tolist(), boxes.tolist()):
+        crop = (inst_map[r0:r1, c0:c1] == i).view(np.uint8)
+        contour = cv2.findContours(crop, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0][0].reshape(-1, 2)
+        out.append(contour + np.array([c0, r0], np.int32))
+    return out
+
+
+def nuclei_from_instance_map(inst_map: np.ndarray, type_prob: np.ndarray | None = None) -> Nuclei:
+    """Per-nucleus boxes, centroids, contours and types of an instance map (ids need not be contiguous).
+
+    Nuclei whose contour has fewer than 3 points get no entry (reference §7.1 step 8).
+
+    Args:
+        inst_map: (H, W) non-negative integer instance map, 0 background.
+        type_prob: (C, H, W) class probabilities (or logits, or one-hot) including background 0, or None;
+            only their per-pixel argmax is used. Without it every type is 0 and every type_prob 0.
+
+    Returns:
+        :class:`Nuclei` in ascending id order.
+
+    Raises:
+        ValueError: for a non-integer or negative instance map, or a type map of the wrong shape.
+    """
+    inst_map = np.asarray(inst_map)
+    if inst_map.ndim != 2 or inst_map.dtype.kind not in "iu":
+        raise ValueError(f"inst_map must be an (H, W) integer array, got {inst_map.dtype} {inst_map.shape}")
+    if inst_map.dtype.kind == "i" and inst_map.min(initial=0) < 0:
+        raise ValueError("inst_map has negative ids")
+    if inst_map.dtype == np.uint64:
+        inst_map = inst_map.astype(np.int64)
+    if type_prob is not None:
+        type_prob = np.asarray(type_prob)
+        if type_prob.ndim != 3 or type_prob.shape[1:] != inst_map.shape:
+            raise ValueError(f"type_prob must have shape (C, *{inst_map.shape}), got {type_prob.shape}")
+    slices = ndimage.find_objects(inst_map)
+    ids = np.array([i for i, s in enumerate(slices, start=1) if s is not None], np.int64)
+    if ids.size == 0:
+        return Nuclei.empty()
+
+    boxes = np.array(
+        [[[s[0].start, s[1].start], [s[0].stop, s[1].stop]] for s in slices if s is not None], np.int32
+    )
+    contours = _contours(inst_map, ids, boxes)
+    keep = np.array([c.shape[0] >= MIN_CONTOUR_POINTS for c in contours])
+    flat, labels = _foreground(inst_map)
+    centroids = _centroids(flat, labels, inst_map.shape[1], ids, boxes[:, 0])
+    if type_prob is None:
+        types, type_probs = np.zeros(ids.shape[0], np.int32), np.zeros(ids.shape[0], np.float64)
+    else:
+        pixel_types = _argmax_channels(type_prob.reshape(type_prob.shape[0], -1)[:, flat])
+        types, type_probs = _vote_types(labels, pixel_types, type_prob.shape[0], ids)
+    return Nuclei(
+        ids=ids[keep].astype(np.int32),
+        types=types[keep],
+        type_probs=type_probs[keep].astype(np.float32),
+        centroids=centroids[keep],
+        bboxes=boxes[keep],
+        contours=[c for c, k in zip(contours, keep) if k],
+    )
+
+
+def hovernet_postprocess(
+    nuclei_prob: np.ndarray,
+    hv_map: np.ndarray,
+    type_prob: np.ndarray | None = None,
+    magnification: int = 40,
+) -> tuple[np.ndarray, Nuclei]:
+    """CellViT's HoVer-Net post-processing of one tile.
+
+    Args:
+        nuclei_prob: (H, W) float probability of the nucleus class (softmax channel 1 of the NP branch).
+        hv_map: (2, H, W) float HV maps, channel 0 horizontal (x), channel 1 vertical (y).
+        type_prob: (C, H, W) float class probabilities (or logits) including background 0, or None;
+            only their per-pixel argmax is used.
+        magnification: 40 or 20.
+
+    Returns:
+        The (H, W) int32 instance map (0 background, 1..N) and the :class:`Nuclei` with an entry for every
+        instance whose contour has at least 3 points.
+
+    Raises:
+        ValueError: for wrong shapes, NaN or infinite values, or an unknown magnification.
+    """
+    nuclei_prob, hv_map = np.asarray(nuclei_prob), np.asarray(hv_map)
+    type_prob = None if type_prob is None else np.asarray(type_prob)
+    _check_maps(nuclei_prob, hv_map, type_prob)
+    inst_map = instance_map_from_hv(nuclei_prob, hv_map, magnification)
+    return inst_map, nuclei_from_instance_map(inst_map, type_prob)
