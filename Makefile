@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(PY) -m custom_ops.build
-	$(PY) bench/msda.py
+	cd bundles/cellvta && ../../$(PY) -m scripts.demo --out ../../outputs/demo
 
 test: setup
 	$(PY) -m pytest

@@ -1,0 +1,85 @@
+"""The bundle's workflows run through `python -m monai.bundle run`: train, resume, evaluate, infer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cellvta"
+TINY = ["--backbone", "vit-t", "--vit_kwargs", "{'depth': 4}", "--patch_size", "64", "--num_workers", "0"]
+
+
+def bundle_run(workflow: str, config: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", f"configs/{config}", *TINY, *args]
+    result = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    subprocess.run([sys.executable, "-m", "scripts.prepare", "synthetic", "--out", str(out), "--n", "20", "--size", "64"],
+                   cwd=BUNDLE, check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    bundle_run("training", "train.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(root),
+               "--epochs", "1", "--batch_size", "4", "--progress_bar", "False")
+    return root
+
+
+@pytest.mark.slow
+def test_training_writes_the_best_and_the_last_checkpoint(trained):
+    models = trained / "models"
+    best = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert "decoder.branches.hv_map.decoder0_header.2.weight" in best
+    last = list(models.glob("checkpoint_epoch=*.pt"))
+    assert [p.name for p in last] == ["checkpoint_epoch=1.pt"]
+    state = torch.load(last[0], map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == state["trainer"]["epoch_length"] > 0  # one whole epoch
+    assert state["optimizer"]["state"] and state["lr_scheduler"]["last_epoch"] == 1
+
+
+@pytest.mark.slow
+def test_training_resumes_from_the_saved_epoch(trained, synthetic):
+    before = torch.load(trained / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
+    result = bundle_run("run", "train.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(trained),
+                        "--epochs", "2", "--batch_size", "4", "--resume", "True", "--progress_bar", "False")
+    per_epoch = before["trainer"]["epoch_length"]
+    log = result.stderr + result.stdout
+    assert "Restored all variables from" in log and "checkpoint_epoch=1.pt" in log
+    assert "SupervisedTrainer - INFO - Epoch[2] Complete" in log
+    assert "SupervisedTrainer - INFO - Epoch[1] Complete" not in log  # epoch 1 is not trained again
+    after = torch.load(trained / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert after["trainer"]["iteration"] == 2 * per_epoch and after["lr_scheduler"]["last_epoch"] == 2
+    step = next(iter(after["optimizer"]["state"].values()))["step"]
+    assert float(step) == 2 * float(next(iter(before["optimizer"]["state"].values()))["step"])
+
+
+@pytest.mark.slow
+def test_evaluation_and_inference_write_their_outputs(trained, synthetic):
+    bundle_run("evaluating", "evaluate.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(trained))
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["summary"]["bpq"] <= 1.0 and metrics["summary"]["n_images"] > 0
+    images = sorted(str(p) for p in (synthetic / "images").glob("*.png"))[:3]
+    bundle_run("inferring", "inference.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(trained),
+               "--input_images", json.dumps(images))
+    out = trained / "inference"
+    for image in images:
+        stem = Path(image).stem
+        maps = np.load(out / f"{stem}.npz")
+        assert maps["inst_map"].shape == (64, 64)
+        geo = json.loads((out / f"{stem}.geojson").read_text())
+        assert geo["type"] == "FeatureCollection"
+        assert len(geo["features"]) <= int(maps["inst_map"].max())
+        assert (out / f"{stem}_overlay.png").stat().st_size > 0
