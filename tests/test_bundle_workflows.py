@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,32 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic, tmp_path_factory) -> Path:
+def training_run(synthetic, tmp_path_factory) -> tuple[Path, str]:
+    """One epoch of training with MLflow tracking: the bundle root and the workflow's log."""
     root = tmp_path_factory.mktemp("run")
-    bundle_run("training", "train.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(root),
-               "--epochs", "1", "--batch_size", "4", "--progress_bar", "False")
-    return root
+    result = bundle_run("training", "train.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(root),
+                        "--epochs", "1", "--batch_size", "4", "--progress_bar", "False", "--use_mlflow", "True")
+    return root, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(training_run) -> Path:
+    return training_run[0]
+
+
+@pytest.mark.slow
+def test_mlflow_run_holds_the_evaluator_metrics_params_and_checkpoint(training_run):
+    from mlflow.tracking import MlflowClient
+
+    root, log = training_run
+    best = float(re.search(r"Got new best metric of val_bpq: ([0-9.eE+-]+)", log).group(1))
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("cellvta").experiment_id])
+    assert run.data.metrics["val_bpq"] == best
+    assert {"train_loss", "train_hv_msge", "train_np_dice", "val_mpq"} <= set(run.data.metrics)
+    assert run.data.params["backbone"] == "vit-t" and run.data.params["epochs"] == "1"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "train.yaml", "common.yaml"} <= artifacts
 
 
 @pytest.mark.slow
@@ -83,3 +105,12 @@ def test_evaluation_and_inference_write_their_outputs(trained, synthetic):
         assert geo["type"] == "FeatureCollection"
         assert len(geo["features"]) <= int(maps["inst_map"].max())
         assert (out / f"{stem}_overlay.png").stat().st_size > 0
+
+
+def test_metadata_passes_the_bundle_schema_offline():
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
+         "--filepath", "configs/meta_schema_20240725.json"],
+        cwd=BUNDLE, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr
