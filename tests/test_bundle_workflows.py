@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from scripts.data import dataset_list
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cellvta"
 TINY = ["--backbone", "vit-t", "--vit_kwargs", "{'depth': 4}", "--patch_size", "64", "--num_workers", "0"]
@@ -114,3 +117,24 @@ def test_metadata_passes_the_bundle_schema_offline():
         cwd=BUNDLE, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_write_one_checkpoint(synthetic, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
+           "training", "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']", *TINY,
+           "--dataset_dir", str(synthetic), "--bundle_root", str(tmp_path), "--epochs", "1", "--batch_size", "2",
+           "--progress_bar", "False"]
+    result = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stdout + result.stderr
+    losses = re.findall(r"Epoch: 1/1, Iter: 1/\d+ -- train_loss: ([0-9.]+)", log)
+    assert len(losses) == 2 and losses[0] != losses[1]  # each rank logs its own first batch
+    # each rank draws half of the training set: its epoch is half as long as a single process's
+    n_train = len(dataset_list(synthetic, "train"))
+    per_rank = math.ceil(math.ceil(n_train / 2) / 2)
+    assert set(re.findall(r"Epoch: 1/1, Iter: \d+/(\d+)", log)) == {str(per_rank)}
+    models = tmp_path / "models"
+    assert sorted(p.name for p in models.glob("*.pt")) == ["checkpoint_epoch=1.pt", "model.pt"]
+    state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
