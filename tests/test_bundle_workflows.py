@@ -138,3 +138,29 @@ def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_write_one_checkp
     assert sorted(p.name for p in models.glob("*.pt")) == ["checkpoint_epoch=1.pt", "model.pt"]
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
+
+
+@pytest.mark.slow
+def test_torchscript_export_equals_the_eager_network_and_outputs_match_the_metadata(trained, synthetic, monkeypatch):
+    from scripts.export import compare_torchscript, verify_net_io
+
+    ts_file = trained / "model.ts"
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_file),
+           "--ckpt_file", str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json",
+           "--config_file", "configs/inference.yaml", "--use_trace", "True", "--input_shape", "[1, 3, 64, 64]",
+           "--converter_kwargs", "{'strict': False}", *TINY, "--bundle_root", str(trained)]
+    result = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    monkeypatch.chdir(BUNDLE)
+    overrides = {"backbone": "vit-t", "vit_kwargs": {"depth": 4}, "bundle_root": str(trained)}
+    diffs = compare_torchscript(str(ts_file), "configs/inference.yaml", str(trained / "models" / "model.pt"), n=4,
+                                **overrides)
+    assert set(diffs) == {"nuclei_binary_map", "hv_map", "nuclei_type_map", "tissue_types"}
+    assert max(diffs.values()) <= 1e-4
+    outputs = "_meta_#network_data_format#outputs"
+    table = json.loads((trained / "models" / "dataset.json").read_text())
+    classes, tissues = len(table["classes"]), len(table["tissues"])
+    with pytest.raises(ValueError, match="nuclei_type_map' has shape"):
+        verify_net_io("configs/inference.yaml", n=4, **overrides)
+    verify_net_io("configs/inference.yaml", n=4, **overrides, **{
+        f"{outputs}#nuclei_type_map#num_channels": classes, f"{outputs}#tissue_types#num_channels": tissues})
