@@ -156,18 +156,27 @@ def load_vit_weights(vit: nn.Module, source: str | Path, backbone: str) -> None:
     source = str(source)
     state = vit_state_dict_from_hub(source, backbone) if source.startswith("hf-hub:") else read_state_dict(source)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
-    expected = vit.state_dict()
+    load_exactly(vit, state, f"{source}: ViT weights of the {backbone!r} backbone")
+
+
+def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``module`` when both hold the same keys with the same shapes.
+
+    Raises:
+        KeyError: missing and unexpected keys, named (``what`` says which weights).
+        ValueError: shape mismatches, named.
+    """
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise KeyError(f"{source}: ViT weights do not match the {backbone!r} backbone; "
-                       f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+        raise KeyError(f"{what} do not match; missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
                        f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
     wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
              if state[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{source}: ViT weight shapes differ: {wrong[:10]}")
-    vit.load_state_dict(state, strict=True)
+        raise ValueError(f"{what}: shapes differ: {wrong[:10]}")
+    module.load_state_dict(state, strict=True)
 
 
 def apply_freeze_policy(model: nn.Module, policy: str) -> None:

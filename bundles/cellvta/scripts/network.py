@@ -15,7 +15,10 @@ import torch
 from torch import nn
 
 from .adapter import AdapterEncoder, tokens_to_map
-from .backbones import OFFICIAL_MEAN, OFFICIAL_STD, apply_freeze_policy, create_vit, load_vit_weights, read_state_dict
+from .backbones import (
+    OFFICIAL_MEAN, OFFICIAL_STD, apply_freeze_policy, create_vit, load_exactly, load_vit_weights, read_state_dict,
+)
+from .convert import convert_official_state_dict, is_official_state_dict
 
 BRANCHES = ("nuclei_binary_map", "hv_map", "nuclei_type_map")
 
@@ -263,18 +266,7 @@ def load_network_checkpoint(model: nn.Module, path: str) -> None:
     Raises:
         KeyError / ValueError: keys or shapes that do not match, named.
     """
-    from .convert import convert_official_state_dict, is_official_state_dict
-
     state = read_state_dict(path)
     if is_official_state_dict(state):
         state = convert_official_state_dict(state)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{path}: checkpoint does not match the network; missing {missing[:10]}, "
-                       f"unexpected {unexpected[:10]}")
-    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if state[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{path}: checkpoint shapes differ from the network: {wrong[:10]}")
-    model.load_state_dict(state, strict=True)
+    load_exactly(model, state, f"{path}: network weights")

@@ -267,7 +267,32 @@ class RandColorJitter(RandomizableTransform):
         return img
 
 
-class RandColorJitterd(RandomizableTransform, MapTransform):
+class _RandImageDict(RandomizableTransform, MapTransform):
+    """Dictionary wrapper of an image-only random transform ``self.inner``: one draw, applied to every key."""
+
+    inner: RandomizableTransform
+
+    def __init__(self, keys: KeysCollection, prob: float, inner: RandomizableTransform) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.inner = inner
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.inner.set_random_state(seed, state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            self.inner.randomize()
+            for key in self.key_iterator(d):
+                d[key] = self.inner(d[key], randomize=False)
+        return d
+
+
+class RandColorJitterd(_RandImageDict):
     """Dictionary version of :class:`RandColorJitter` (same parameters for all ``keys``)."""
 
     def __init__(
@@ -279,23 +304,7 @@ class RandColorJitterd(RandomizableTransform, MapTransform):
         hue: float = 0.05,
         prob: float = 0.2,
     ) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
-        self.jitter = RandColorJitter(brightness, contrast, saturation, hue, prob=1.0)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.jitter.set_random_state(seed, state)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if self._do_transform:
-            self.jitter.randomize()
-            for key in self.key_iterator(d):
-                d[key] = self.jitter(d[key], randomize=False)
-        return d
+        super().__init__(keys, prob, RandColorJitter(brightness, contrast, saturation, hue, prob=1.0))
 
 
 class RandZoomBlur(RandomizableTransform):
@@ -336,7 +345,7 @@ class RandZoomBlur(RandomizableTransform):
         return (total / (len(self._factors) + 1)).transpose(2, 0, 1)
 
 
-class RandZoomBlurd(RandomizableTransform, MapTransform):
+class RandZoomBlurd(_RandImageDict):
     """Dictionary version of :class:`RandZoomBlur`."""
 
     def __init__(
@@ -346,23 +355,7 @@ class RandZoomBlurd(RandomizableTransform, MapTransform):
         step: tuple[float, float] = (0.01, 0.03),
         prob: float = 0.1,
     ) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
-        self.blur = RandZoomBlur(max_factor, step, prob=1.0)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.blur.set_random_state(seed, state)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if self._do_transform:
-            self.blur.randomize()
-            for key in self.key_iterator(d):
-                d[key] = self.blur(d[key], randomize=False)
-        return d
+        super().__init__(keys, prob, RandZoomBlur(max_factor, step, prob=1.0))
 
 
 class RandSuperpixels(RandomizableTransform):
@@ -407,7 +400,7 @@ class RandSuperpixels(RandomizableTransform):
         return cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
 
 
-class RandSuperpixelsd(RandomizableTransform, MapTransform):
+class RandSuperpixelsd(_RandImageDict):
     """Dictionary version of :class:`RandSuperpixels`."""
 
     def __init__(
@@ -418,23 +411,7 @@ class RandSuperpixelsd(RandomizableTransform, MapTransform):
         max_size: int = 128,
         prob: float = 0.1,
     ) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
-        self.superpixels = RandSuperpixels(p_replace, n_segments, max_size, prob=1.0)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.superpixels.set_random_state(seed, state)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if self._do_transform:
-            self.superpixels.randomize()
-            for key in self.key_iterator(d):
-                d[key] = self.superpixels(d[key], randomize=False)
-        return d
+        super().__init__(keys, prob, RandSuperpixels(p_replace, n_segments, max_size, prob=1.0))
 
 
 _CV2_MODES = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
