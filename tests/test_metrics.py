@@ -139,8 +139,6 @@ def test_large_tile_equals_sum_of_its_patches(fixture_maps, fixture_scores) -> N
     gi, pi = _mosaic(m["gt_inst"][idx], 4), _mosaic(m["ref_inst"][idx], 4)
     gt = np.concatenate([np.concatenate(list(m["gt_type"][idx][r * 4 : (r + 1) * 4]), axis=1) for r in range(4)])
     pt = np.concatenate([np.concatenate(list(m["ref_type"][idx][r * 4 : (r + 1) * 4]), axis=1) for r in range(4)])
-    n_g, n_p = len(np.unique(gi)) - 1, len(np.unique(pi)) - 1
-    assert (n_g + 1) * (n_p + 1) * NUM_CLASSES**2 > max(M._DENSE_LIMIT, 4 * gi.size)  # exercises the sparse path
     big = M.evaluate_image(gi, gt, pi, pt, NUM_CLASSES)
     parts = [fixture_scores[i] for i in idx]
     np.testing.assert_allclose(big.binary_counts, sum(s.binary_counts for s in parts), rtol=1e-12)
@@ -159,6 +157,62 @@ def test_huge_and_sparse_ids_change_nothing(fixture_maps) -> None:
     a = M.evaluate_image(gi, gt, pi, pt, NUM_CLASSES)
     b = M.evaluate_image(lut_g[gi].astype(np.int64), gt, lut_p[pi], pt, NUM_CLASSES)
     _assert_same_scores(a, b)
+
+
+def _square_grid(n: int, size: int, pitch: int, shift: int) -> np.ndarray:
+    """(n*pitch, n*pitch) map of n*n squares of side ``size``, moved by ``shift`` pixels down and right."""
+    r = np.arange(n * pitch) - shift
+    inside = (r >= 0) & (r % pitch < size)
+    cell = np.where(inside, r // pitch, -1)
+    ids = cell[:, None] * n + cell[None, :] + 1
+    return np.where(inside[:, None] & inside[None, :], ids, 0)
+
+
+def test_thousands_of_nuclei_take_the_sorted_pair_histogram() -> None:
+    # 4096 squares of 6x6 and the same squares moved by one pixel: every pair overlaps 5x5 = 25 of 36 + 36 - 25 = 47
+    n = 64 * 64
+    gt, moved = _square_grid(64, 6, 8, 0), _square_grid(64, 6, 8, 1)
+    pred = np.where(moved > 0, np.random.default_rng(3).permutation(n)[moved - 1] + 1, 0)
+    assert n * n > 4 * np.count_nonzero(gt | pred)  # too many pairs for a dense histogram
+    gt_type = np.where(gt > 0, (gt - 1) % 4 + 1, 0)
+    pred_type = np.roll(gt_type, (1, 1), axis=(0, 1))  # each moved square keeps its class
+    score = M.evaluate_image(gt, gt_type, pred, pred_type, NUM_CLASSES, detection_radius_px=None)
+    np.testing.assert_allclose(score.binary_counts, [n, 0, 0, n * 25 / 47], rtol=1e-12)
+    np.testing.assert_allclose(score.class_counts, [[n / 4, 0, 0, n / 4 * 25 / 47]] * 4, rtol=1e-12)
+    assert score.aji == pytest.approx(25 / 47, abs=1e-12) and score.aji_plus == pytest.approx(25 / 47, abs=1e-12)
+    assert score.dice == pytest.approx(25 / 36, abs=1e-12)
+
+
+def _class_counts_by_definition(gi: np.ndarray, gt: np.ndarray, pi: np.ndarray, pt: np.ndarray, c: int) -> list[float]:
+    """[TP, FP, FN, sum IoU] of the class-c instances ``inst * (type == c)``, one pair of masks at a time."""
+    g_c, p_c = gi * (gt == c), pi * (pt == c)
+    g_ids, p_ids = np.unique(g_c[g_c > 0]), np.unique(p_c[p_c > 0])
+    ious = []
+    for g in g_ids:
+        gm = g_c == g
+        for p in np.unique(p_c[gm & (p_c > 0)]):
+            pm = p_c == p
+            iou = (gm & pm).sum() / (gm | pm).sum()
+            if iou > 0.5:
+                ious.append(iou)
+    return [len(ious), len(p_ids) - len(ious), len(g_ids) - len(ious), sum(ious)]
+
+
+def test_nuclei_of_several_classes_match_the_definition(fixture_maps) -> None:
+    # nuclei get a second class on vertical stripes 6 px wide: class overlaps need the class of each pixel
+    m = fixture_maps
+    cols = np.arange(256)[None, :]
+    for i in (2, 17, 31):
+        gi, pi = m["gt_inst"][i], m["ref_inst"][i]
+        gt = np.where((gi > 0) & (cols // 6 % 2 == 1), m["gt_type"][i] % (NUM_CLASSES - 1) + 1, m["gt_type"][i])
+        pt = np.where((pi > 0) & ((cols + 1) // 6 % 2 == 1), m["ref_type"][i] % (NUM_CLASSES - 1) + 1, m["ref_type"][i])
+        gts = M._instances(gi, np.flatnonzero(gi), gt, NUM_CLASSES)
+        assert not M._single_class(gts)
+        score = M.evaluate_image(gi, gt, pi, pt, NUM_CLASSES, detection_radius_px=None)
+        expected = [_class_counts_by_definition(gi, gt, pi, pt, c) for c in range(1, NUM_CLASSES)]
+        np.testing.assert_allclose(score.class_counts, expected, rtol=1e-12)
+        _, per_class = M.class_overlaps(gi, gt, pi, pt, NUM_CLASSES)
+        np.testing.assert_allclose([M.pq_counts(o) for o in per_class], expected, rtol=1e-12)
 
 
 def _assert_same_scores(a: M.ImageScores, b: M.ImageScores) -> None:

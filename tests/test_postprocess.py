@@ -20,10 +20,15 @@ from skimage.segmentation import watershed
 from scripts.postprocess import (
     Nuclei,
     _argmax_channels,
+    _contours,
     _fill_holes,
+    _framed,
+    _frontier,
     _large_components,
+    _ties_within_regions,
     hovernet_postprocess,
     instance_centroids,
+    marker_watershed,
     nuclei_from_instance_map,
 )
 from scripts.postprocess_transforms import (
@@ -325,6 +330,14 @@ def test_nan_is_an_error_naming_the_map(name):
         hovernet_postprocess(**maps)
 
 
+def test_finite_values_whose_sum_overflows_are_accepted():
+    prob, hv, _ = ellipse_maps((48, 64), (30.0, 20.0), (12.0, 8.0))
+    types = np.full((3, 48, 64), 3.0e38, np.float32)
+    types[2][prob > 0] = 3.4e38
+    inst_map, nuclei = hovernet_postprocess(prob, hv, types)
+    assert nuclei.types.tolist() == [2]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -383,6 +396,19 @@ def test_non_contiguous_ids_and_wide_dtypes(consep):
     assert np.array_equal(instance_centroids(sparse.astype(np.int64), nuclei.ids, boxes), nuclei.centroids)
 
 
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 20), st.integers(1, 20)), elements=st.integers(0, 3)))
+def test_contours_are_the_first_of_the_contour_tree(inst_map):
+    """Nuclei in several pieces, with holes and inside other nuclei: the reference's first RETR_TREE contour."""
+    slices = ndimage.find_objects(inst_map)
+    ids = np.array([i for i, s in enumerate(slices, 1) if s is not None], np.int64)
+    boxes = np.array([[[s[0].start, s[1].start], [s[0].stop, s[1].stop]] for s in slices if s is not None], np.int32)
+    for i, box, contour in zip(ids, boxes.reshape(-1, 2, 2), _contours(inst_map, ids, boxes.reshape(-1, 2, 2))):
+        crop = (inst_map[box[0, 0] : box[1, 0], box[0, 1] : box[1, 1]] == i).astype(np.uint8)
+        expected = cv2.findContours(crop, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0][0].reshape(-1, 2) + box[0, ::-1]
+        assert np.array_equal(contour, expected) and contour.dtype == np.int32
+
+
 def test_instance_map_errors():
     with pytest.raises(ValueError, match="integer"):
         nuclei_from_instance_map(np.zeros((4, 4), np.float32))
@@ -394,6 +420,58 @@ def test_instance_map_errors():
 @given(arrays(bool, st.tuples(st.integers(1, 24), st.integers(1, 24))))
 def test_fill_holes_equals_scipy(binary):
     assert np.array_equal(_fill_holes(binary), ndimage.binary_fill_holes(binary))
+
+
+def watershed_inputs(seed: int, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Random blobs as mask regions, blobs of several labels as markers (some outside the mask), and a relief
+    with ``levels`` distinct heights (0: continuous): height (H, W), markers (H, W), regions (H, W), count."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(6, 48, 2))
+    mask = ndimage.gaussian_filter(rng.random(shape), 1.5) > rng.uniform(0.45, 0.55)
+    regions, n_regions = ndimage.label(mask)
+    coarse = rng.integers(1, 9, (shape[0] // 3 + 1, shape[1] // 3 + 1)).repeat(3, 0).repeat(3, 1)[: shape[0], : shape[1]]
+    markers = np.where(ndimage.gaussian_filter(rng.random(shape), 1.0) > rng.uniform(0.5, 0.56), coarse, 0)
+    height = rng.random(shape)
+    if levels:
+        height = np.floor(height * levels) / levels
+    return -height, markers.astype(np.int32), regions.astype(np.int32), n_regions
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0, 2, 40]))
+def test_marker_watershed_equals_skimage(seed, levels):
+    height, markers, regions, n_regions = watershed_inputs(seed, levels)
+    expected = watershed(height, markers=markers, mask=regions > 0)
+    assert np.array_equal(marker_watershed(height, markers, regions, n_regions), expected)
+
+
+def contested_case(levels: int, tie: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """The first :func:`watershed_inputs` with a region where markers of several labels meet and, among their
+    frontier pixels, a tie in height within a region or none: inputs, frontier indices and framed labels."""
+    for seed in range(500):
+        height, markers, regions, n_regions = watershed_inputs(seed, levels)
+        contested = [r for r in range(1, n_regions + 1) if np.unique(markers[(regions == r) & (markers > 0)]).size > 1]
+        if not contested:
+            continue
+        image, flood, labels = _framed(height, markers, np.isin(regions, contested))
+        starts = _frontier(flood, labels)
+        if _ties_within_regions(image.ravel()[starts], starts, regions) == tie:
+            return height, markers, regions, n_regions, starts, labels
+    raise AssertionError(f"no contested case with tie={tie} among 500 seeds")
+
+
+@pytest.mark.parametrize(("levels", "tie"), [(0, False), (2, True)])
+def test_marker_watershed_floods_contested_regions_from_their_frontier_or_the_whole_mask_on_a_tie(levels, tie):
+    height, markers, regions, n_regions, starts, labels = contested_case(levels, tie)
+    assert 0 < starts.size < np.count_nonzero(labels)  # interior marker pixels are left out
+    expected = watershed(height, markers=markers, mask=regions > 0)
+    assert np.array_equal(marker_watershed(height, markers, regions, n_regions), expected)
+
+
+def test_skimage_queues_markers_at_their_own_height():
+    """marker_watershed relies on it: markers enter skimage's queue with key (height, age 0), so the lowest marker
+    floods first (skimage 0.25.0-0.25.1 queued every marker at -inf, and their order followed the heap layout)."""
+    assert watershed(np.array([[5.0, 0, 0, 0, 0]]), np.array([[1, 0, 0, 0, 2]])).tolist() == [[1, 2, 2, 2, 2]]
 
 
 @settings(max_examples=60, deadline=None)

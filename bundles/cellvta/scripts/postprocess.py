@@ -10,7 +10,8 @@ The algorithm is CellViT's ``DetectionCellPostProcessor`` (reference §7.1) and 
 5. ``dist = -GaussianBlur((1 - overall) * mask, 3x3, sigma 0.8)``;
 6. markers = ``mask`` minus the border ``overall >= 0.4``, holes filled, opened with a 5x5 ellipse,
    4-connected components under the marker size (10 at 40x, 3 at 20x) removed;
-7. ``skimage.segmentation.watershed(dist, markers, mask=mask)``.
+7. ``skimage.segmentation.watershed(dist, markers, mask=mask)``, label for label; skimage's flood runs only on
+   the connected parts of the mask where markers of several labels meet (:func:`marker_watershed`).
 
 Per-nucleus work is vectorised over the whole tile (``bincount`` for areas, centroids and type votes,
 ``find_objects`` for boxes); only the contour is traced per nucleus, on its own bounding-box crop.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import watershed
+from skimage.segmentation._watershed_cy import watershed_raveled
 
 __all__ = [
     "MAGNIFICATION_PRESETS",
@@ -35,6 +36,7 @@ __all__ = [
     "hovernet_postprocess",
     "instance_centroids",
     "instance_map_from_hv",
+    "marker_watershed",
     "nuclei_from_instance_map",
 ]
 
@@ -45,6 +47,7 @@ MASK_MIN_SIZE = 10
 MARKER_THRESHOLD = 0.4
 MIN_CONTOUR_POINTS = 3
 _OPENING_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
 @dataclass
@@ -107,8 +110,16 @@ def _check_maps(nuclei_prob: np.ndarray, hv_map: np.ndarray, type_prob: np.ndarr
         raise ValueError(f"type_prob must have shape (C, {shape[0]}, {shape[1]}) with C >= 1, got {type_prob.shape}")
     named = (("nuclei_prob", nuclei_prob), ("hv_map", hv_map), ("type_prob", type_prob))
     for name, arr in named:
-        if arr is not None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if arr is not None and arr.dtype.kind == "f" and not _all_finite(arr):
             raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """Whether a float array holds no NaN or infinity: one summation, and an element-wise look only when the
+    sum is not finite (a NaN or infinity, or finite values that overflow)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = arr.sum()
+    return bool(np.isfinite(total)) or bool(np.isfinite(arr).all())
 
 
 def _large_components(binary: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
@@ -123,14 +134,18 @@ def _large_components(binary: np.ndarray, min_size: int) -> tuple[np.ndarray, in
         (H, W) int32 labels and n.
     """
     count, labels = cv2.connectedComponents(binary.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-    keep = np.bincount(labels.ravel(), minlength=count) >= min_size
+    flat = np.flatnonzero(binary)
+    found = labels.ravel()[flat]
+    keep = np.bincount(found, minlength=count) >= min_size
     keep[0] = False
     n = int(keep.sum())
     if n == count - 1:
         return labels, n
     lut = np.zeros(count, np.int32)
     lut[keep] = np.arange(1, n + 1, dtype=np.int32)
-    return np.take(lut, labels), n
+    relabelled = np.zeros_like(labels)
+    relabelled.ravel()[flat] = lut[found]
+    return relabelled, n
 
 
 def _fill_holes(binary: np.ndarray) -> np.ndarray:
@@ -171,50 +186,170 @@ def instance_map_from_hv(nuclei_prob: np.ndarray, hv_map: np.ndarray, magnificat
     ksize, marker_min_size = MAGNIFICATION_PRESETS[magnification]
 
     mask = np.asarray(nuclei_prob, dtype=np.float32) >= MASK_THRESHOLD
-    labels, n = _large_components(mask, MASK_MIN_SIZE)
-    if n == 0:
+    regions, n_regions = _large_components(mask, MASK_MIN_SIZE)
+    if n_regions == 0:
         return np.zeros(mask.shape, np.int32)
-    mask = labels > 0
+    mask = regions > 0
 
     hv = np.asarray(hv_map, dtype=np.float32)
     sobel_x = cv2.Sobel(_minmax(hv[0]), cv2.CV_64F, 1, 0, ksize=ksize)
     sobel_y = cv2.Sobel(_minmax(hv[1]), cv2.CV_64F, 0, 1, ksize=ksize)
-    overall = np.maximum(1 - _minmax(sobel_x), 1 - _minmax(sobel_y))
+    overall = np.subtract(1, _minmax(sobel_x))
+    np.maximum(overall, np.subtract(1, _minmax(sobel_y)), out=overall)
 
-    energy = np.subtract(1.0, overall, dtype=np.float64)
-    energy[~mask] = 0.0
+    energy = np.zeros(mask.shape, np.float64)
+    np.subtract(1.0, overall, out=energy, where=mask, dtype=np.float64)
     dist = cv2.GaussianBlur(energy, (3, 3), 0)
     np.negative(dist, out=dist)
 
     marker = _fill_holes(mask & (overall < np.float64(MARKER_THRESHOLD)))
     marker = cv2.morphologyEx(marker.view(np.uint8), cv2.MORPH_OPEN, _OPENING_KERNEL)
-    markers, n = _large_components(marker.view(bool), marker_min_size)
-    if n == 0:
+    markers, n_markers = _large_components(marker.view(bool), marker_min_size)
+    if n_markers == 0:
         return np.zeros(mask.shape, np.int32)
-    return watershed(dist, markers=markers, mask=mask).astype(np.int32, copy=False)
+    return marker_watershed(dist, markers, regions, n_regions)
+
+
+def _framed(height: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays skimage's watershed floods: a one-pixel zero frame around the (H, W) inputs.
+
+    Returns:
+        (H+2, W+2) float64 height, int8 mask and int32 labels (the markers inside the mask, 0 elsewhere).
+    """
+    shape = (mask.shape[0] + 2, mask.shape[1] + 2)
+    image = np.zeros(shape, np.float64)
+    image[1:-1, 1:-1] = height
+    flood = np.zeros(shape, np.int8)
+    flood[1:-1, 1:-1] = mask
+    labels = np.zeros(shape, np.int32)
+    np.multiply(markers, mask, out=labels[1:-1, 1:-1])
+    return image, flood, labels
+
+
+def _frontier(flood: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Raveled indices, in raster order, of the labelled pixels with an unlabelled 4-neighbour in the mask.
+
+    The other marker pixels push nothing when skimage pops them: every neighbour is labelled or masked out.
+    """
+    free = (flood != 0) & (labels == 0)
+    near = cv2.dilate(free.view(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return np.flatnonzero(near.view(bool) & (labels != 0))
+
+
+def _flood(image: np.ndarray, flood: np.ndarray, labels: np.ndarray, seeds: np.ndarray) -> None:
+    """skimage's priority flood (4-connected, no compactness, no watershed line) on :func:`_framed` arrays.
+
+    This is the compiled core that ``skimage.segmentation.watershed`` runs (scikit-image 0.25.2 to 0.26), given
+    the arrays its wrapper builds: the framed image, mask and labels and the neighbour offsets up, left, right,
+    down; only the seeds may be fewer than every marker pixel.
+
+    Args:
+        image, flood, labels: (H+2, W+2) arrays from :func:`_framed`; ``labels`` is filled in place.
+        seeds: (K,) raveled indices of labelled pixels to start from, in raster order.
+    """
+    width = labels.shape[1]
+    neighbours = np.array([-width, -1, 1, width], np.intp)
+    strides = np.array([width, 1], np.intp)
+    watershed_raveled(image.ravel(), seeds, neighbours, flood.ravel(), strides, 0.0, labels.ravel(), False)
+
+
+def marker_watershed(height: np.ndarray, markers: np.ndarray, regions: np.ndarray, n_regions: int) -> np.ndarray:
+    """``skimage.segmentation.watershed(height, markers, mask=regions > 0)``, label for label, with the flood
+    run only where markers of several labels compete.
+
+    skimage floods from a priority queue ordered by (height, age): age is 0 for every marker pixel and a push
+    counter, unique and increasing, for every other pixel; a pixel takes its label when it is pushed.
+    ``regions`` are the 4-connected components of the mask (the flood's own neighbourhood), so none is reached
+    from another, and:
+
+    * a region whose marker pixels all carry one label is flooded whole by it, and one without marker pixels
+      stays 0, whatever the heights;
+    * the regions with several labels are flooded on their bounding box, starting from the marker pixels
+      that touch an unlabelled pixel (the others push nothing when popped). Within a region, the pops that
+      push then come in the order of that region's own keys, as in the full flood, provided no two of these
+      starting pixels tie in height; otherwise the order among them follows the layout of the whole heap,
+      and the whole mask is flooded from every marker pixel, exactly as skimage does.
+
+    Args:
+        height: (H, W) float64 relief.
+        markers: (H, W) int32 seeds, 0 elsewhere (pixels outside the regions are ignored, as skimage does).
+        regions: (H, W) int32 4-connected components of the mask, numbered 1..n_regions, 0 outside it.
+        n_regions: the number of regions.
+
+    Returns:
+        (H, W) int32 labels of ``markers``, 0 outside the regions and in regions without markers.
+    """
+    seeds = np.flatnonzero(markers != 0)
+    seed_labels = markers.ravel()[seeds]
+    seed_regions = regions.ravel()[seeds]
+    label_of = np.zeros(n_regions + 1, np.int32)
+    label_of[seed_regions] = seed_labels
+    label_of[seed_regions[label_of[seed_regions] != seed_labels]] = -1
+    label_of[0] = 0
+    out = label_of[regions]
+    flood_mask = out < 0
+    if not flood_mask.any():
+        return out
+    np.maximum(out, 0, out=out)
+
+    rows, cols = np.flatnonzero(flood_mask.any(axis=1)), np.flatnonzero(flood_mask.any(axis=0))
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    image, flood, labels = _framed(height[box], markers[box], flood_mask[box])
+    starts = _frontier(flood, labels)
+    if _ties_within_regions(image.ravel()[starts], starts, regions[box]):
+        image, flood, labels = _framed(height, markers, regions != 0)
+        _flood(image, flood, labels, np.flatnonzero(labels))
+        return labels[1:-1, 1:-1]
+    _flood(image, flood, labels, starts)
+    out[box] += labels[1:-1, 1:-1]
+    return out
+
+
+def _ties_within_regions(heights: np.ndarray, starts: np.ndarray, regions: np.ndarray) -> bool:
+    """Whether two starting pixels of the same region have equal heights.
+
+    Args:
+        heights: (K,) heights of the starting pixels.
+        starts: (K,) their raveled indices in the framed (H+2, W+2) arrays.
+        regions: (H, W) region of each pixel (unframed).
+    """
+    ordered = np.sort(heights)
+    tied = ordered[1:][ordered[1:] == ordered[:-1]]
+    if tied.size == 0:
+        return False
+    pick = np.isin(heights, tied)
+    rows, cols = np.divmod(starts[pick], regions.shape[1] + 2)
+    values, groups = heights[pick], regions[rows - 1, cols - 1]
+    order = np.lexsort((values, groups))
+    values, groups = values[order], groups[order]
+    return bool(np.any((values[1:] == values[:-1]) & (groups[1:] == groups[:-1])))
 
 
 def _argmax_channels(prob: np.ndarray) -> np.ndarray:
     """``prob.argmax(axis=0)`` (first maximum wins) in C vectorised passes, several times faster for small C.
 
+    A channel that beats every earlier one is the largest index so far, so the index is a running maximum.
+
     Args:
         prob: (C, ...) array.
 
     Returns:
-        (...) int64 channel index.
+        (...) channel index, of the smallest unsigned integer type that holds C - 1.
     """
+    dtype = np.min_scalar_type(prob.shape[0] - 1)
     best = prob[0].copy()
-    index = np.zeros(prob.shape[1:], np.int64)
+    index = np.zeros(prob.shape[1:], dtype)
+    better = np.empty(prob.shape[1:], bool)
     for c in range(1, prob.shape[0]):
-        better = prob[c] > best
-        index[better] = c
+        np.greater(prob[c], best, out=better)
+        np.maximum(index, np.multiply(better, dtype.type(c), dtype=dtype), out=index)
         np.maximum(best, prob[c], out=best)
     return index
 
 
 def _foreground(inst_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices (M,) of the non-zero pixels of an (H, W) instance map and their ids (M,)."""
-    flat = np.flatnonzero(inst_map)
+    flat = np.flatnonzero(inst_map != 0)
     return flat, inst_map.ravel()[flat]
 
 
@@ -279,6 +414,9 @@ def instance_centroids(inst_map: np.ndarray, ids: np.ndarray, top_left: np.ndarr
 def _contours(inst_map: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
     """Outer contour of each nucleus from its bounding-box crop (``cv2.findContours``, simple chain).
 
+    The reference takes the first contour of the ``RETR_TREE`` hierarchy: the first outer contour, which is also
+    the first one ``RETR_EXTERNAL`` returns, without tracing the holes.
+
     Args:
         inst_map: (H, W) integer instance map.
         ids: (N,) instance ids.
@@ -288,10 +426,9 @@ def _contours(inst_map: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> list[
         N arrays (K, 2) int32 of (x, y) in tile coordinates (K may be < 3).
     """
     out = []
-    for i, ((r0, c0), (r1, c1)) in zip(ids.tolist(), boxes.tolist()):
+    for i, (r0, c0), (r1, c1) in zip(ids.tolist(), boxes[:, 0].tolist(), boxes[:, 1].tolist()):
         crop = (inst_map[r0:r1, c0:c1] == i).view(np.uint8)
-        contour = cv2.findContours(crop, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0][0].reshape(-1, 2)
-        out.append(contour + np.array([c0, r0], np.int32))
+        out.append(cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(c0, r0))[0][0].reshape(-1, 2))
     return out
 
 
@@ -337,7 +474,7 @@ def nuclei_from_instance_map(inst_map: np.ndarray, type_prob: np.ndarray | None 
     if type_prob is None:
         types, type_probs = np.zeros(ids.shape[0], np.int32), np.zeros(ids.shape[0], np.float64)
     else:
-        pixel_types = _argmax_channels(type_prob.reshape(type_prob.shape[0], -1)[:, flat])
+        pixel_types = _argmax_channels(type_prob.reshape(type_prob.shape[0], -1).take(flat, axis=1))
         types, type_probs = _vote_types(labels, pixel_types, type_prob.shape[0], ids)
     return Nuclei(
         ids=ids[keep].astype(np.int32),
