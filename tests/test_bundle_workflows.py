@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -164,3 +165,25 @@ def test_torchscript_export_equals_the_eager_network_and_outputs_match_the_metad
         verify_net_io("configs/inference.yaml", n=4, **overrides)
     verify_net_io("configs/inference.yaml", n=4, **overrides, **{
         f"{outputs}#nuclei_type_map#num_channels": classes, f"{outputs}#tissue_types#num_channels": tissues})
+
+
+def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained, synthetic, tmp_path):
+    from scripts.pyramid import write_pyramidal_tiff
+
+    tiles = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((synthetic / "images").glob("*.png"))[:9]]
+    slide = tmp_path / "synthetic_slide.tif"
+    write_pyramidal_tiff(slide, np.vstack([np.hstack(tiles[i : i + 3]) for i in (0, 3, 6)]), mpp=0.25, min_size=10_000)
+    out = tmp_path / "wsi"
+    bundle_run("inferring", "wsi_inference.yaml", "--bundle_root", str(trained), "--input", str(slide),
+               "--output_dir", str(out), "--tile_size", "64", "--overlap", "16", "--postprocess_workers", "1",
+               "--min_tissue_fraction", "0", "--embeddings", "True")
+    summary = json.loads((out / "synthetic_slide.json").read_text())
+    assert summary["tiles"] == 16 and summary["width"] == summary["height"] == 192
+    features = json.loads((out / "synthetic_slide.geojson").read_text())["features"]
+    rows = (out / "synthetic_slide.csv").read_text().splitlines()
+    assert len(features) == len(rows) - 1 == summary["cells"]
+    embeddings = np.load(out / "synthetic_slide_embeddings.npy")
+    ids = np.load(out / "synthetic_slide_embedding_ids.npy")
+    assert embeddings.shape == (summary["cells"], 192) and ids.tolist() == list(range(1, summary["cells"] + 1))
+    assert np.isfinite(embeddings).all()
+    assert cv2.imread(str(out / "synthetic_slide_overlay.png")).shape == (192, 192, 3)

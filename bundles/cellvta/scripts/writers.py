@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import cv2
 import numpy as np
+import shapely
 
 from .postprocess import Nuclei
 
@@ -27,6 +30,57 @@ def replace_atomically(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def class_name(class_names: Sequence[str], index: int) -> str:
+    """Name of class ``index`` (``class_<index>`` beyond the table)."""
+    return class_names[index] if index < len(class_names) else f"class_{index}"
+
+
+def closed_rings(xy: np.ndarray, start: np.ndarray, scale: float = 1.0, offset: Sequence[float] = (0.0, 0.0)
+                 ) -> list[np.ndarray]:
+    """Valid closed polygon rings of contours, scaled then shifted.
+
+    A traced contour runs twice through a one-pixel neck, which makes a self-touching ring that GIS tools
+    reject; such a ring is replaced by the outline of the largest valid part of its polygon.
+
+    Args:
+        xy: (M, 2) ``(x, y)`` vertices of all contours, one after the other.
+        start: (N + 1,) contour ``i`` is ``xy[start[i]:start[i+1]]`` (at least 3 vertices).
+        scale, offset: ``xy * scale + offset``.
+
+    Returns:
+        N float64 arrays (K + 1, 2), first vertex repeated at the end.
+    """
+    if len(start) < 2:
+        return []
+    coords = xy.astype(np.float64) * scale + np.asarray(offset, dtype=np.float64)
+    counts = np.diff(start)
+    firsts = start[:-1]
+    closing = np.cumsum(counts)  # insert each ring's first vertex after its last
+    coords = np.insert(coords, closing, coords[firsts], axis=0)
+    bounds = np.concatenate([[0], closing + np.arange(1, counts.size + 1)])
+    polygons = shapely.polygons(shapely.linearrings(coords, indices=np.repeat(np.arange(counts.size), counts + 1)))
+    rings = [coords[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    for i in np.flatnonzero(~shapely.is_valid(polygons)):
+        pieces = shapely.get_parts(shapely.get_parts(shapely.make_valid(polygons[i])))  # collections of multi-parts
+        parts = [g for g in pieces if g.geom_type == "Polygon"]
+        if parts:
+            rings[i] = np.asarray(max(parts, key=lambda g: g.area).exterior.coords)
+    return rings
+
+
+def detection_feature(ring: np.ndarray, cls: int, class_names: Sequence[str], measurements: dict[str, float]) -> dict:
+    """A QuPath detection Feature: the closed polygon ``ring`` ((K + 1, 2) x, y), its class and measurements."""
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring.round(2).tolist()]},
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": class_name(class_names, cls), "color": list(class_color(cls))},
+            "measurements": measurements,
+        },
+    }
+
+
 def nuclei_features(nuclei: Nuclei, class_names: Sequence[str], offset: tuple[float, float] = (0.0, 0.0),
                     scale: float = 1.0) -> list[dict]:
     """One QuPath detection Feature per nucleus: closed polygon, classification and measurements.
@@ -37,23 +91,15 @@ def nuclei_features(nuclei: Nuclei, class_names: Sequence[str], offset: tuple[fl
         offset: ``(x, y)`` added to every coordinate after scaling (tile origin in level-0 pixels).
         scale: multiplier of the coordinates (level-0 pixels per pixel of the analysed image).
     """
+    lengths = [len(c) for c in nuclei.contours]
+    xy = np.concatenate(nuclei.contours) if lengths else np.zeros((0, 2))
+    rings = closed_rings(xy, np.concatenate([[0], np.cumsum(lengths)]), scale, offset)
     features = []
-    for i in range(len(nuclei)):
-        ring = nuclei.contours[i].astype(np.float64) * scale + np.asarray(offset)
-        ring = np.vstack([ring, ring[:1]]).round(2).tolist()
-        cls = int(nuclei.types[i])
-        name = class_names[cls] if cls < len(class_names) else f"class_{cls}"
+    for i, ring in enumerate(rings):
         cx, cy = (nuclei.centroids[i] * scale + np.asarray(offset)).tolist()
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {
-                "objectType": "detection",
-                "classification": {"name": name, "color": list(class_color(cls))},
-                "measurements": {"type_probability": round(float(nuclei.type_probs[i]), 4),
-                                 "centroid_x": round(cx, 2), "centroid_y": round(cy, 2)},
-            },
-        })
+        measurements = {"type_probability": round(float(nuclei.type_probs[i]), 4),
+                        "centroid_x": round(cx, 2), "centroid_y": round(cy, 2)}
+        features.append(detection_feature(ring, int(nuclei.types[i]), class_names, measurements))
     return features
 
 
@@ -85,3 +131,52 @@ def write_maps(path: Path, inst_map: np.ndarray, type_map: np.ndarray) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez_compressed(tmp, inst_map=inst_map.astype(np.int32), type_map=type_map.astype(np.uint8))
     replace_atomically(tmp, path)
+
+
+class GeoJSONStream:
+    """A GeoJSON FeatureCollection written feature by feature, so memory does not grow with the slide.
+
+    The file appears at ``path`` only when :meth:`close` completes (written to a temporary file, then moved).
+    QuPath reads it with File > Import objects.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._file: TextIO = open(self._tmp, "w", encoding="utf-8")
+        self._file.write('{"type": "FeatureCollection", "features": [\n')
+        self._first = True
+
+    def write(self, features: Sequence[dict]) -> None:
+        """Append features."""
+        if not features:
+            return
+        text = ",\n".join(json.dumps(f, separators=(",", ":")) for f in features)
+        self._file.write(text if self._first else ",\n" + text)
+        self._first = False
+
+    def close(self) -> None:
+        """Finish the collection and publish the file."""
+        self._file.write("\n]}\n")
+        self._file.close()
+        replace_atomically(self._tmp, self.path)
+
+
+class CSVStream:
+    """A CSV table written row block by row block, published at ``path`` by :meth:`close`."""
+
+    def __init__(self, path: Path, header: Sequence[str]) -> None:
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._file = open(self._tmp, "w", encoding="utf-8", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(header)
+
+    def write(self, rows: Sequence[Sequence[object]]) -> None:
+        """Append rows."""
+        self._writer.writerows(rows)
+
+    def close(self) -> None:
+        """Publish the file."""
+        self._file.close()
+        replace_atomically(self._tmp, self.path)

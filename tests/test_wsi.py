@@ -1,0 +1,282 @@
+"""Whole-slide inference on a pyramidal TIFF built from real CoNSeP patches: tiling, merging, readers,
+resumption, outputs and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import shapely.geometry
+from scipy import ndimage
+
+from scripts.metrics import instance_overlap, panoptic_quality, pq_counts
+from scripts.postprocess import nuclei_from_instance_map
+from scripts.predictors import GroundTruthPredictor, PredictedMaps
+from scripts.pyramid import PeriodicImage, write_pyramidal_tiff
+from scripts.slides import SlideError, open_slide
+from scripts.tiling import TileGrid
+from scripts.transforms import hv_maps
+from scripts.wsi import WSISettings, run_cohort, run_slide
+
+CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
+SETTINGS = WSISettings(postprocess_workers=0, chunk_tiles=4, min_tissue_fraction=0.0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mosaic(data: dict, first: int, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A side x side mosaic of consecutive CoNSeP patches: image, globally unique instance ids, types."""
+    n = side * side
+    idx = np.arange(first, first + n)
+    inst = data["inst_map"][idx].astype(np.int64)
+    inst = np.where(inst > 0, inst + (np.arange(n) * 100_000)[:, None, None], 0)
+
+    def tile(a: np.ndarray) -> np.ndarray:
+        a = a.reshape(side, side, 256, 256, *a.shape[3:])
+        return np.ascontiguousarray(a.swapaxes(1, 2).reshape(side * 256, side * 256, *a.shape[4:]))
+
+    return tile(data["images"][idx]), tile(inst), tile(data["type_map"][idx])
+
+
+@pytest.fixture(scope="module")
+def mosaic(consep_npz):
+    """A non-square 1000 x 900 crop of a 4 x 4 mosaic: image, instance map, type map."""
+    with np.load(consep_npz) as data:
+        image, inst, types = _mosaic({k: data[k] for k in ("images", "inst_map", "type_map")}, 0, 4)
+    return image[:1000, :900], inst[:1000, :900], types[:1000, :900]
+
+
+@pytest.fixture(scope="module")
+def slide(mosaic, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "mosaic.tif"
+    write_pyramidal_tiff(path, mosaic[0], mpp=0.25, factor=2, min_size=200)
+    return path
+
+
+def rasterize(geojson: Path, shape: tuple[int, int], scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Instance and type maps painted from the polygons of a GeoJSON (coordinates divided by ``scale``)."""
+    features = json.loads(geojson.read_text())["features"]
+    inst, types = np.zeros(shape, np.int32), np.zeros(shape, np.uint8)
+    for i, feature in enumerate(features, start=1):
+        ring = np.round(np.array(feature["geometry"]["coordinates"][0][:-1]) / scale).astype(np.int32)
+        cv2.fillPoly(inst, [ring.reshape(-1, 1, 2)], i)
+        cv2.fillPoly(types, [ring.reshape(-1, 1, 2)], CLASSES.index(feature["properties"]["classification"]["name"]))
+    return inst, types
+
+
+def outputs(folder: Path, stem: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob(f"{stem}*")) if p.suffix != ".json"}
+
+
+def test_every_nucleus_is_kept_by_exactly_one_tile_whatever_the_tiles_processed():
+    rng = np.random.default_rng(0)
+    for size, overlap in [(256, 64), (128, 48), (100, 30)]:
+        grid = TileGrid(900, 700, size, overlap)
+        grid = grid.with_processed(rng.random(grid.shape) < 0.8)
+        rows, cols = grid.shape
+        for _ in range(400):
+            h, w = rng.integers(1, overlap, size=2)
+            y, x = rng.integers(0, 700 - h), rng.integers(0, 900 - w)
+            keepers, seen_whole = 0, False
+            for r in range(rows):
+                for c in range(cols):
+                    if not grid.processed[r, c]:
+                        continue
+                    x0, y0 = grid.origin(r, c)
+                    view = [max(y, y0), max(x, x0), min(y + h, y0 + size), min(x + w, x0 + size)]
+                    if view[0] >= view[2] or view[1] >= view[3]:
+                        continue
+                    seen_whole |= view == [y, x, y + h, x + w]
+                    keepers += int(grid.owned(np.array([view]), r, c)[0])
+            if seen_whole:
+                assert keepers == 1, (size, overlap, (y, x, h, w))
+
+
+def test_tiles_with_tissue_and_their_neighbours_holding_any_are_processed():
+    grid = TileGrid(1000, 1000, 256, 64)  # 5 x 5 tiles, stride 192
+    mask = np.zeros((100, 100), bool)  # 10 image pixels per mask pixel
+    mask[0:20, 0:20] = True  # fills tile (0, 0)
+    mask[60, 80] = True  # one pixel of tissue: less than 5% of any tile
+    processed = grid.tissue_tiles(mask, 10.0, min_fraction=0.05)
+    expected = np.zeros((5, 5), bool)
+    expected[0, 0] = expected[0, 1] = expected[1, 0] = expected[1, 1] = True  # tile (0, 0) and neighbours with tissue
+    np.testing.assert_array_equal(processed, expected)
+    assert grid.tissue_tiles(mask, 10.0, min_fraction=0.0).sum() == 4 + 4  # the lone pixel lies in 4 tiles
+
+
+def test_ground_truth_oracle_gives_back_the_ground_truth_without_duplicates(slide, mosaic, tmp_path):
+    image, inst, types = mosaic
+    settings = WSISettings(postprocess_workers=2, chunk_tiles=4, min_tissue_fraction=0.0)
+    summary = run_cohort(slide, tmp_path, GroundTruthPredictor(inst, types, len(CLASSES)), CLASSES, settings)[0]
+    pred_inst, pred_type = rasterize(tmp_path / "mosaic.geojson", inst.shape)
+    # nuclei that are polygons: fragments of 1-2 pixels at the CoNSeP patches' cut edges have no outline
+    _, compact = np.unique(inst, return_inverse=True)
+    compact = compact.reshape(inst.shape)
+    outlined = np.isin(compact, nuclei_from_instance_map(compact).ids)
+    dq, sq, pq = panoptic_quality(np.where(outlined, inst, 0), pred_inst)
+    tp, fp, fn, _ = pq_counts(instance_overlap(np.where(outlined, inst, 0), pred_inst))[:4]
+    assert pq >= 0.99 and fp == 0 and fn == 0, (dq, sq, pq, tp, fp, fn)
+    assert panoptic_quality(inst, pred_inst)[2] > 0.98
+    assert summary["cells"] == int(pred_inst.max()) == tp
+    agree = (pred_type == types)[(pred_inst > 0) & (inst > 0)].mean()
+    assert agree > 0.99
+    features = json.loads((tmp_path / "mosaic.geojson").read_text())["features"]
+    assert all(shapely.geometry.shape(f["geometry"]).is_valid for f in features)
+    assert {f["properties"]["classification"]["name"] for f in features} <= set(CLASSES[1:])
+    with open(tmp_path / "mosaic.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["id"]) for r in rows] == list(range(1, len(features) + 1))
+    x, y = (np.array([float(r[k]) for r in rows]) for k in ("x", "y"))
+    assert np.allclose(np.array([float(r["x_um"]) for r in rows]), x * 0.25, atol=2e-3)
+    hit = inst[np.floor(y).astype(int), np.floor(x).astype(int)]
+    assert (hit > 0).mean() > 0.99
+    counts = {name: sum(r["type"] == name for r in rows) for name in CLASSES[1:]}
+    assert {k: v for k, v in counts.items() if v} == summary["cells_per_class"]
+    assert not list(tmp_path.glob(".*")), "temporary files or parts left behind"
+
+
+def test_hovernet_postprocessing_on_ideal_maps_finds_most_nuclei(slide, mosaic, tmp_path):
+    _, inst, types = mosaic
+    predictor = GroundTruthPredictor(inst, types, len(CLASSES), instances=False)
+    run_slide(slide, tmp_path, predictor, CLASSES, SETTINGS)
+    pred_inst, _ = rasterize(tmp_path / "mosaic.geojson", inst.shape)
+    tp, fp, fn, _ = pq_counts(instance_overlap(inst, pred_inst))[:4]
+    assert tp / (tp + fn) > 0.8 and fp / (tp + fp) < 0.05, (tp, fp, fn)
+
+
+class HematoxylinPredictor:
+    """Maps computed from the pixels (dark, purple pixels are nuclei): the nuclei depend on what is read."""
+
+    num_classes = len(CLASSES)
+
+    def __call__(self, tiles: np.ndarray, origins: np.ndarray) -> PredictedMaps:
+        grey = tiles.astype(np.float32).mean(axis=3) / 255
+        prob = np.clip((0.55 - grey) * 8, 0, 1).astype(np.float32)
+        types = np.where(prob >= 0.5, 1 + (tiles[..., 0] > tiles[..., 2]).astype(np.uint8), 0).astype(np.uint8)
+        hv = np.stack([hv_maps(ndimage.label(p >= 0.5)[0]) for p in prob])
+        return PredictedMaps(prob, hv, types)
+
+
+def test_openslide_and_tifffile_read_the_same_pixels_and_find_the_same_nuclei(slide, tmp_path):
+    with open_slide(slide, "openslide") as a, open_slide(slide, "tifffile") as b:
+        assert a.level_dimensions == b.level_dimensions == [(900, 1000), (450, 500), (225, 250)]
+        assert a.mpp == pytest.approx(0.25) and b.mpp == pytest.approx(0.25)
+        for level, (x, y, w, h) in [(0, (0, 0, 900, 1000)), (0, (250, 300, 333, 77)), (1, (100, 50, 400, 460)),
+                                    (0, (850, 950, 256, 256))]:
+            np.testing.assert_array_equal(a.read_region(x, y, w, h, level), b.read_region(x, y, w, h, level))
+    found = {}
+    for backend in ("openslide", "tifffile"):
+        out = tmp_path / backend
+        summary = run_slide(slide, out, HematoxylinPredictor(), CLASSES, WSISettings(**{**SETTINGS.__dict__, "backend": backend}))
+        found[backend] = (out / "mosaic.csv").read_text()
+        assert summary["cells"] > 50
+    assert found["openslide"] == found["tifffile"]
+
+
+def test_twenty_x_slide_is_upsampled_and_coordinates_are_level_zero_pixels(mosaic, tmp_path):
+    image, inst, types = mosaic
+    path = tmp_path / "half.tif"
+    write_pyramidal_tiff(path, cv2.resize(image, (450, 500), interpolation=cv2.INTER_AREA), mpp=0.5, min_size=10_000)
+    summary = run_slide(path, tmp_path / "out", GroundTruthPredictor(inst, types, len(CLASSES)), CLASSES, SETTINGS)
+    assert summary["scale"] == 0.5 and summary["analysed_mpp"] == 0.25 and summary["mpp"] == 0.5
+    pred_inst, _ = rasterize(tmp_path / "out" / "half.geojson", inst.shape, scale=0.5)
+    assert panoptic_quality(inst, pred_inst)[2] > 0.9
+    with open(tmp_path / "out" / "half.csv") as f:
+        rows = list(csv.DictReader(f))
+    x = np.array([float(r["x"]) for r in rows])
+    assert 0 <= x.min() and x.max() < 450
+    assert np.allclose([float(r["x_um"]) for r in rows], x * 0.5, atol=3e-3)
+
+
+RUN_SLIDE = """
+import sys
+sys.path[:0] = {paths!r}
+import numpy as np
+from scripts.postprocess import nuclei_from_instance_map
+from scripts.predictors import GroundTruthPredictor
+from scripts.wsi import WSISettings, run_slide
+gt = np.load({gt!r})
+run_slide({slide!r}, {out!r}, GroundTruthPredictor(gt["inst"], gt["types"], 5, periodic=True), {classes!r},
+          WSISettings(postprocess_workers=0, chunk_tiles=8, min_tissue_fraction=0.0, batch_size=4))
+"""
+
+
+def test_a_killed_run_resumes_and_ends_with_the_outputs_of_an_uninterrupted_run(mosaic, tmp_path):
+    image, inst, types = mosaic
+    big = PeriodicImage(np.ascontiguousarray(image[:768, :768]), 3000, 3000)
+    slide = tmp_path / "big.tif"
+    write_pyramidal_tiff(slide, big, mpp=0.25)
+    np.savez(tmp_path / "gt.npz", inst=inst[:768, :768], types=types[:768, :768])
+    paths = [str(ROOT), str(ROOT / "bundles" / "cellvta")]
+
+    def script(out: Path) -> list[str]:
+        code = RUN_SLIDE.format(paths=paths, gt=str(tmp_path / "gt.npz"), slide=str(slide), out=str(out),
+                                classes=CLASSES)
+        return [sys.executable, "-c", code]
+
+    subprocess.run(script(tmp_path / "whole"), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(script(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed" / ".big.parts"
+    deadline = time.monotonic() + 300
+    while len(list(parts.glob("part_*.npz"))) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "big.json").exists(), "the run ended before it could be killed"
+    done_before = len(list(parts.glob("part_*.npz")))
+    subprocess.run(script(tmp_path / "killed"), check=True, capture_output=True, timeout=600)
+    assert done_before >= 5
+    whole, resumed = outputs(tmp_path / "whole", "big"), outputs(tmp_path / "killed", "big")
+    assert whole.keys() == resumed.keys() == {"big.csv", "big.geojson", "big_overlay.png"}
+    assert whole == resumed
+    summary = json.loads((tmp_path / "killed" / "big.json").read_text())
+    assert summary["cells"] == json.loads((tmp_path / "whole" / "big.json").read_text())["cells"] > 5000
+
+
+def test_slides_without_resolution_or_tissue_and_corrupt_files(mosaic, tmp_path):
+    image, inst, types = mosaic
+    predictor = GroundTruthPredictor(inst, types, len(CLASSES))
+    no_mpp = tmp_path / "no_mpp.tif"
+    write_pyramidal_tiff(no_mpp, image[:300, :300], mpp=None)
+    with pytest.raises(SlideError, match=r"no_mpp\.tif.*--mpp"):
+        run_slide(no_mpp, tmp_path / "out", predictor, CLASSES, SETTINGS)
+    summary = run_slide(no_mpp, tmp_path / "out", predictor, CLASSES, WSISettings(**{**SETTINGS.__dict__, "mpp": 0.25}))
+    assert summary["mpp"] == 0.25 and summary["cells"] > 0
+
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(b"II*\x00" + os.urandom(5000))
+    with pytest.raises(SlideError, match=r"corrupt\.tif"):
+        open_slide(corrupt)
+    with pytest.raises(SlideError, match=r"missing\.svs: no such slide"):
+        open_slide(tmp_path / "missing.svs")
+
+    glass = tmp_path / "glass.tif"
+    write_pyramidal_tiff(glass, np.full((600, 700, 3), 240, np.uint8), mpp=0.25)
+    summary = run_slide(glass, tmp_path / "out", predictor, CLASSES, WSISettings(postprocess_workers=0))
+    assert summary["tiles"] == 0 and summary["cells"] == 0
+    assert json.loads((tmp_path / "out" / "glass.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
+    assert (tmp_path / "out" / "glass.csv").read_text().splitlines() == [
+        "id,x,y,x_um,y_um,type_id,type,probability,area_um2"]
+
+
+def test_a_cohort_is_sharded_by_rank_and_a_bad_slide_does_not_stop_the_others(slide, mosaic, tmp_path):
+    _, inst, types = mosaic
+    (tmp_path / "bad.svs").write_bytes(b"not a slide")
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text(f"{tmp_path / 'bad.svs'}\n{slide}\n")
+    predictor = GroundTruthPredictor(inst, types, len(CLASSES))
+    with pytest.raises(SlideError, match=r"1 of 2 slides failed:\n.*bad\.svs"):
+        run_cohort(cohort, tmp_path / "all", predictor, CLASSES, SETTINGS)
+    assert (tmp_path / "all" / "mosaic.json").is_file()
+    second = run_cohort(cohort, tmp_path / "rank1", predictor, CLASSES, SETTINGS, rank=1, world_size=2)
+    assert [s["slide"] for s in second] == [str(slide)]
+    again = run_cohort(cohort, tmp_path / "rank1", predictor, CLASSES, SETTINGS, rank=1, world_size=2)
+    assert again == second, "a finished slide is not analysed again"
