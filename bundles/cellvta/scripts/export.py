@@ -1,4 +1,4 @@
-"""Checks for a network with dict outputs, which ``monai.bundle verify_net_in_out`` cannot do.
+"""Export checks for a network with dict outputs, which ``monai.bundle verify_net_in_out`` cannot do, and ONNX export.
 
 ``verify_net_io`` builds the network of a config, runs a random batch of the metadata's input shape and
 checks every output named in ``metadata.json`` (``network_data_format#outputs``): present, no extra keys,
@@ -7,25 +7,45 @@ channel count, spatial shape, dtype. ``compare_torchscript`` checks that an expo
 gives the eager network's outputs. The traced graph calls the MSDA op through ``torch.ops.cellvta``: load
 it with ``load_torchscript`` (or ``custom_ops.build.load_library()`` before ``torch.jit.load``).
 
+ONNX has no deformable-attention operator, but the pure-PyTorch MSDA (``custom_ops.reference``) is made of
+``grid_sample`` and tensor algebra, which ONNX expresses (``GridSample``, opset >= 16). ``export_onnx``
+therefore exports with ``CELLVTA_MSDA_IMPL=reference``: ``torch.export`` in strict mode (the reference reads
+the level sizes with ``tolist()``, which non-strict export cannot trace), then ``torch.onnx`` (dynamo),
+opset 18. The batch size stays free; the tile size is fixed at export (the level sizes become constants).
+``compare_onnx`` runs the file with onnxruntime on CPU against the eager network. ``onnx``, ``onnxscript``
+and ``onnxruntime`` are needed only for these two.
+
 Command line, from ``bundles/cellvta``::
 
     python -m scripts.export verify_net_io --config_file configs/inference.yaml
     python -m scripts.export compare_torchscript --ts_file models/model.ts --config_file configs/inference.yaml
-    python -m scripts.export verify_net_io --config_file configs/inference.yaml
+    python -m scripts.export export_onnx --config_file configs/inference.yaml --onnx_file models/model.onnx
+    python -m scripts.export compare_onnx --onnx_file models/model.onnx --config_file configs/inference.yaml
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.utils import get_equivalent_dtype
+from monai.utils import get_equivalent_dtype, optional_import
 from torch import nn
 
+from custom_ops import IMPL_ENV
+
+ort, _ = optional_import("onnxruntime")
+
 IO_PREFIX = "_meta_#network_data_format"
+ONNX_OPSET = 18
 _SYMBOLIC = re.compile(r"^(\d+)\*n$")
 
 
@@ -107,7 +127,7 @@ def verify_net_io(
         meta_file: the metadata file(s).
         net_id: id of the network in the config.
         batch: batch size of the random input.
-        n: value of ``n`` in symbolic spatial shapes (``"32*n"`` -> 256 for n = 8).
+        n: value of ``n`` in symbolic spatial shapes (``"16*n"`` -> 128 for n = 8).
         override: config overrides, e.g. ``_meta_#network_data_format#outputs#nuclei_type_map#num_channels=5``.
 
     Raises ValueError listing every difference.
@@ -130,6 +150,32 @@ def load_torchscript(ts_file: str) -> torch.jit.ScriptModule:
     return torch.jit.load(ts_file, map_location="cpu").eval()
 
 
+def _eager_network(parser: ConfigParser, net_id: str, ckpt_file: str) -> nn.Module:
+    """The config's network with the weights of ``ckpt_file``, on CPU in eval mode."""
+    if not Path(ckpt_file).is_file():
+        raise FileNotFoundError(f"{ckpt_file}: checkpoint not found")
+    net: nn.Module = parser.get_parsed_content(net_id)
+    net.load_state_dict(torch.load(ckpt_file, map_location="cpu", weights_only=True))
+    return net.cpu().eval()
+
+
+def _differences(
+    eager: Mapping[str, torch.Tensor], exported: Mapping[str, torch.Tensor], file: str, atol: float, rtol: float
+) -> dict[str, float]:
+    """Largest absolute difference per output; ValueError when one is missing or beyond ``atol + rtol * |eager|``."""
+    diffs: dict[str, float] = {}
+    for name, ref in eager.items():
+        if name not in exported:
+            raise ValueError(f"{file}: output '{name}' missing (it has {sorted(exported)})")
+        out = exported[name]
+        if tuple(out.shape) != tuple(ref.shape):
+            raise ValueError(f"{file}: output '{name}' has shape {tuple(out.shape)}, the eager network {tuple(ref.shape)}")
+        diffs[name] = float((out - ref).abs().max())
+        if not torch.allclose(out, ref, atol=atol, rtol=rtol):
+            raise ValueError(f"{file}: output '{name}' differs from the eager network by up to {diffs[name]:.3g}")
+    return diffs
+
+
 def compare_torchscript(
     ts_file: str,
     config_file: str | Sequence[str],
@@ -149,25 +195,133 @@ def compare_torchscript(
     Raises ValueError when an output is missing or differs beyond ``atol + rtol * |eager|``.
     """
     parser = _parser(config_file, meta_file, override)
-    net: nn.Module = parser.get_parsed_content(net_id)
-    net.load_state_dict(torch.load(ckpt_file, map_location="cpu", weights_only=True))
-    net = net.cpu().eval()
+    net = _eager_network(parser, net_id, ckpt_file)
     scripted = load_torchscript(ts_file)
     x = _random_input(parser, batch, n)
     with torch.no_grad():
-        eager, traced = net(x), scripted(x)
-    diffs: dict[str, float] = {}
-    for name, ref in eager.items():
-        if name not in traced:
-            raise ValueError(f"{ts_file}: output '{name}' missing (it has {sorted(traced)})")
-        diffs[name] = float((traced[name] - ref).abs().max())
-        if not torch.allclose(traced[name], ref, atol=atol, rtol=rtol):
-            raise ValueError(f"{ts_file}: output '{name}' differs from the eager network by up to {diffs[name]:.3g}")
-    return diffs
+        return _differences(net(x), scripted(x), ts_file, atol, rtol)
+
+
+@contextmanager
+def msda_implementation(name: str) -> Iterator[None]:
+    """Run the block with ``CELLVTA_MSDA_IMPL=name`` (``reference`` or ``compiled``); the old value is restored."""
+    previous = os.environ.get(IMPL_ENV)
+    os.environ[IMPL_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(IMPL_ENV, None)
+        else:
+            os.environ[IMPL_ENV] = previous
+
+
+def export_onnx_model(
+    net: nn.Module, onnx_file: str, spatial_size: Sequence[int], opset: int = ONNX_OPSET, max_batch: int = 1024
+) -> list[str]:
+    """Write ``net`` as an ONNX model whose multi-scale deformable attention is ``GridSample``.
+
+    Args:
+        net: a network taking ``(B, 3, H, W)`` and returning a dict of tensors; exported on CPU in eval mode.
+        onnx_file: the ``.onnx`` file to write (weights above 2 GB go to ``<onnx_file>.data`` beside it).
+        spatial_size: ``(H, W)`` of the tiles the model will take (fixed in the ONNX graph).
+        opset: ONNX opset (``GridSample`` needs >= 16).
+        max_batch: largest batch size; the batch dimension stays free between 1 and this.
+
+    Returns:
+        the output names, in the model's output order (the keys of the network's dict).
+
+    The files appear at once: they are written into a temporary folder beside ``onnx_file`` and moved.
+    """
+    if opset < 16:
+        raise ValueError(f"opset {opset}: ONNX GridSample, which the deformable attention needs, exists from opset 16")
+    if len(spatial_size) != 2 or any(int(s) % 16 for s in spatial_size):
+        raise ValueError(f"spatial_size {tuple(spatial_size)}: expected (H, W), multiples of 16")
+    net = net.cpu().eval()
+    example = torch.zeros(2, 3, *map(int, spatial_size))
+    target = Path(onnx_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with msda_implementation("reference"), torch.no_grad():
+        names = list(net(example))
+        batch = torch.export.Dim("batch", min=1, max=max_batch)
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},), strict=True)
+        onnx_program = torch.onnx.export(program, (example,), input_names=["image"], output_names=names,
+                                         opset_version=opset, dynamo=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        onnx_program.save(str(staging / target.name))
+        for written in staging.iterdir():
+            os.replace(written, target.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names
+
+
+def run_onnx(onnx_file: str, image: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+    """Run an exported model with onnxruntime on CPU.
+
+    Args:
+        onnx_file: a file of :func:`export_onnx_model`.
+        image: ``(B, 3, H, W)`` float32 normalised image batch, H and W as at export.
+
+    Returns:
+        output name -> array, e.g. ``nuclei_binary_map`` ``(B, 2, H, W)``.
+    """
+    if not Path(onnx_file).is_file():
+        raise FileNotFoundError(f"{onnx_file}: ONNX model not found")
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (model_input,) = session.get_inputs()
+    x = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    expected = model_input.shape
+    if x.ndim != len(expected) or any(isinstance(e, int) and e != s for e, s in zip(expected, x.shape)):
+        raise ValueError(f"{onnx_file}: input of shape {tuple(x.shape)} does not fit the exported shape {expected}")
+    outputs = session.run(None, {model_input.name: x.astype(np.float32, copy=False)})
+    return {o.name: value for o, value in zip(session.get_outputs(), outputs)}
+
+
+def export_onnx(
+    config_file: str | Sequence[str],
+    onnx_file: str = "models/model.onnx",
+    ckpt_file: str = "models/model.pt",
+    meta_file: str | Sequence[str] = "configs/metadata.json",
+    net_id: str = "network_def",
+    n: int = 16,
+    opset: int = ONNX_OPSET,
+    **override: Any,
+) -> list[str]:
+    """Export the config's network with the weights of ``ckpt_file`` to ONNX, for tiles of the metadata's
+    input ``spatial_shape`` at ``n`` (``"16*n"`` -> 256 for n = 16). Returns the output names."""
+    parser = _parser(config_file, meta_file, override)
+    net = _eager_network(parser, net_id, ckpt_file)
+    size = fake_spatial_shape(parser.get(f"{IO_PREFIX}#inputs#image")["spatial_shape"], n)
+    return export_onnx_model(net, onnx_file, size, opset)
+
+
+def compare_onnx(
+    onnx_file: str,
+    config_file: str | Sequence[str],
+    ckpt_file: str = "models/model.pt",
+    meta_file: str | Sequence[str] = "configs/metadata.json",
+    net_id: str = "network_def",
+    batch: int = 2,
+    n: int = 16,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    **override: Any,
+) -> dict[str, float]:
+    """Largest absolute difference per output between the ONNX model (onnxruntime, CPU) and the eager network.
+
+    Raises ValueError when an output is missing or differs beyond ``atol + rtol * |eager|``.
+    """
+    parser = _parser(config_file, meta_file, override)
+    net = _eager_network(parser, net_id, ckpt_file)
+    x = _random_input(parser, batch, n)
+    exported = {k: torch.from_numpy(v) for k, v in run_onnx(onnx_file, x).items()}
+    with torch.no_grad():
+        return _differences(net(x), exported, onnx_file, atol, rtol)
 
 
 if __name__ == "__main__":
-    from monai.utils import optional_import
-
     fire, _ = optional_import("fire")
-    fire.Fire({"verify_net_io": verify_net_io, "compare_torchscript": compare_torchscript})
+    fire.Fire({"verify_net_io": verify_net_io, "compare_torchscript": compare_torchscript,
+               "export_onnx": export_onnx, "compare_onnx": compare_onnx})
