@@ -1,10 +1,14 @@
-# Set-up, demo and tests. Every target creates the virtual environment first (idempotent).
+# Set-up, demo and tests. Every target creates the virtual environments it needs first (idempotent).
+# .venv: the bundle, its tests and benchmarks. .venv-label: the MONAI Label app (numpy<2).
+# .venv-deploy: the MONAI Deploy app (App SDK, Holoscan).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LABEL_STAMP := .venv-label/.installed
+DEPLOY_STAMP := .venv-deploy/.installed
 
-.PHONY: setup demo test bench
+.PHONY: setup setup-label setup-deploy demo test
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,11 +17,29 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+$(LABEL_STAMP): requirements-label.txt pyproject.toml
+	test -x .venv-label/bin/python || $(PYTHON) -m venv .venv-label
+	.venv-label/bin/python -m pip install --upgrade pip
+	.venv-label/bin/python -m pip install -r requirements-label.txt
+	.venv-label/bin/python -m pip install --no-deps --no-build-isolation -e .
+	touch $(LABEL_STAMP)
+
+$(DEPLOY_STAMP): requirements-deploy.txt apps/deploy/requirements.txt requirements-dev.txt requirements.txt pyproject.toml
+	test -x .venv-deploy/bin/python || $(PYTHON) -m venv .venv-deploy
+	.venv-deploy/bin/python -m pip install --upgrade pip
+	.venv-deploy/bin/python -m pip install -r requirements-deploy.txt
+	.venv-deploy/bin/python -m pip install --no-deps --no-build-isolation -e .
+	touch $(DEPLOY_STAMP)
+
 setup: $(STAMP)
+
+setup-label: $(LABEL_STAMP)
+
+setup-deploy: $(DEPLOY_STAMP)
 
 demo: setup
 	$(PY) -m custom_ops.build
 	cd bundles/cellvta && ../../$(PY) -m scripts.demo --out ../../outputs/demo
 
-test: setup
+test: setup setup-label setup-deploy
 	$(PY) -m pytest

@@ -1,0 +1,151 @@
+"""The served CellVTA bundle: its own inference config (pre-processing, sliding-window inferer, HoVer-Net
+post-processing), the class table and the weights of the model folder, reloaded when training publishes."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+from torch import nn
+
+from .config import INFERENCE_CONFIG, AppConfig
+
+MODEL_FILE = "model.pt"
+CLASS_TABLE = "dataset.json"
+
+
+def use_bundle_scripts(bundle: Path) -> None:
+    """Put the bundle folder on ``sys.path``: its configs import the ``scripts`` package."""
+    path = str(bundle)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+def absolute_macros(config: Any, configs_dir: Path) -> Any:
+    """The config with its ``%configs/<file>#<id>`` macros pointing at ``configs_dir``, so that it parses from
+    any working directory (MONAI resolves a macro's file relative to the current directory)."""
+    if isinstance(config, str) and config.startswith("%configs/"):
+        return f"%{configs_dir / config[len('%configs/'):]}"
+    if isinstance(config, dict):
+        return {k: absolute_macros(v, configs_dir) for k, v in config.items()}
+    if isinstance(config, list):
+        return [absolute_macros(v, configs_dir) for v in config]
+    return config
+
+
+def bundle_parser(bundle: Path, config_file: Path, overrides: Mapping[str, Any]) -> ConfigParser:
+    """A parser of one of the bundle's configs with ``bundle_root`` set to the bundle and ``overrides`` applied."""
+    config = ConfigParser.load_config_file(str(bundle / config_file))
+    parser = ConfigParser(absolute_macros(config, bundle / "configs"))
+    parser.update({"bundle_root": str(bundle), **overrides})
+    return parser
+
+
+class BundleModel:
+    """The bundle's inference pieces for the model folder of ``config``.
+
+    Every accessor first checks the modification times of ``model.pt`` and ``dataset.json`` and re-reads
+    the config, the class table and the weights when training has published new ones.
+
+    Args:
+        config: the app's settings (bundle, model folder, config overrides).
+    """
+
+    def __init__(self, config: AppConfig) -> None:
+        use_bundle_scripts(config.bundle)
+        self.config = config
+        self._lock = threading.RLock()
+        self._version: tuple[int, int] | None = None
+        self._parser: ConfigParser | None = None
+        self._networks: dict[str, nn.Module] = {}
+
+    @property
+    def model_file(self) -> Path:
+        return self.config.model_dir / MODEL_FILE
+
+    @property
+    def class_table(self) -> Path:
+        return self.config.model_dir / CLASS_TABLE
+
+    def is_ready(self) -> bool:
+        """True when the model folder holds weights and a class table."""
+        return self.model_file.is_file() and self.class_table.is_file()
+
+    def version(self) -> tuple[int, int]:
+        """Modification times (ns) of the weights and the class table."""
+        if not self.is_ready():
+            raise FileNotFoundError(
+                f"{self.config.model_dir}: no served model ({MODEL_FILE} and {CLASS_TABLE} are written by the "
+                "bundle's training or by this app's /train)"
+            )
+        return self.model_file.stat().st_mtime_ns, self.class_table.stat().st_mtime_ns
+
+    def version_tag(self) -> str:
+        """A string naming the current weights (for caches of per-image scores)."""
+        weights, table = self.version()
+        return f"{weights}-{table}"
+
+    def _current(self) -> ConfigParser:
+        with self._lock:
+            version = self.version()
+            if version != self._version or self._parser is None:
+                self._parser = bundle_parser(
+                    self.config.bundle, INFERENCE_CONFIG,
+                    {"model_dir": str(self.config.model_dir), **self.config.overrides},
+                )
+                self._networks.clear()
+                self._version = version
+            return self._parser
+
+    def _content(self, key: str, lazy: bool = True) -> Any:
+        with self._lock:
+            return self._current().get_parsed_content(key, instantiate=True, lazy=lazy)
+
+    def classes(self) -> list[str]:
+        """Class names of the served model, background first."""
+        return list(self._content("classes"))
+
+    def labels(self) -> dict[str, int]:
+        """Class name -> class id, background left out (MONAI Label's ``labels``)."""
+        return {name: i for i, name in enumerate(self.classes()) if i > 0}
+
+    def preprocessing(self) -> list[Callable]:
+        """The bundle's pre-processing: ``{"image": (H, W, 3) uint8}`` -> ``(3, H, W)`` normalised float32."""
+        pre = self._content("preprocessing")
+        return list(pre.transforms) if isinstance(pre, Compose) else list(pre)
+
+    def inferer(self) -> Callable:
+        """The bundle's sliding-window inferer (``roi_size`` = the training patch size, overlap, gaussian)."""
+        return self._content("inferer")
+
+    def postprocessing(self) -> list[Callable]:
+        """The bundle's post-processing: ``pred`` = dict of maps -> dict with ``inst_map``, ``type_map``, ``nuclei``."""
+        post = self._content("postprocessing")
+        return list(post.transforms) if isinstance(post, Compose) else [post]
+
+    def build_network(self) -> nn.Module:
+        """A new network of the bundle's ``network_def`` with the served weights, on CPU, in eval mode."""
+        from scripts.network import load_network_checkpoint
+
+        with self._lock:
+            network = self._content("network_def", lazy=False)
+            load_network_checkpoint(network, str(self.model_file))
+        return network.eval()
+
+    def network(self, device: str | torch.device) -> nn.Module:
+        """The served network restricted to its per-pixel outputs (``scripts.engine.SpatialOutputs``), in eval
+        mode on ``device``; one instance per device, rebuilt when the weights change."""
+        from scripts.engine import SpatialOutputs
+
+        key = str(device)
+        with self._lock:
+            self._current()
+            if key not in self._networks:
+                self._networks[key] = SpatialOutputs(self.build_network()).to(torch.device(device)).eval()
+            return self._networks[key]

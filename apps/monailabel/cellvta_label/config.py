@@ -1,0 +1,86 @@
+"""The app's settings, read from MONAI Label's ``--conf key value`` pairs (all values arrive as strings)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+INFERENCE_CONFIG = Path("configs") / "inference.yaml"
+TRAIN_CONFIG = Path("configs") / "train.yaml"
+
+
+def _json_object(conf: Mapping[str, str], key: str) -> dict[str, Any]:
+    raw = conf.get(key, "")
+    if not raw:
+        return {}
+    path = Path(raw)
+    text = path.read_text() if raw.endswith(".json") and path.is_file() else raw
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--conf {key}: not a JSON object or a .json file ({err}): {raw!r}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"--conf {key}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(conf: Mapping[str, str], key: str, default: int) -> int:
+    raw = conf.get(key, str(default))
+    try:
+        value = int(raw)
+    except ValueError as err:
+        raise ValueError(f"--conf {key}: expected an integer, got {raw!r}") from err
+    if value < 0:
+        raise ValueError(f"--conf {key}: expected a value >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Where the bundle, the served model and the training runs are, and the inference settings.
+
+    Attributes:
+        bundle: the CellVTA bundle folder (``configs/inference.yaml``, ``configs/train.yaml``, ``scripts/``).
+        model_dir: folder of the served model: ``model.pt`` (state dict) and ``dataset.json`` (class table);
+            training publishes its best checkpoint here.
+        work_dir: training runs (datasets written from the datastore, logs, checkpoints), one folder each.
+        overrides: bundle config keys shared by inference and training (e.g. ``{"backbone": "vit-s"}``): they
+            must describe the network ``model.pt`` was trained as.
+        model_name: the model's name in the MONAI Label API (``/infer/<model_name>``).
+        margin: context in pixels read around each requested region (slide tiles see their neighbours' pixels,
+            so nuclei on tile borders are found whole and kept once, by their centroid).
+        max_side: largest image side the uncertainty strategies score; larger images are scored on their centre.
+        uncertainty_samples: predictions per uncertainty score.
+    """
+
+    bundle: Path
+    model_dir: Path
+    work_dir: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    model_name: str = "cellvta"
+    margin: int = 64
+    max_side: int = 2048
+    uncertainty_samples: int = 4
+
+    @classmethod
+    def from_conf(cls, app_dir: str | Path, conf: Mapping[str, str]) -> AppConfig:
+        """Settings from MONAI Label's conf; paths default to the repository's bundle and its ``models/``."""
+        bundle = Path(conf.get("bundle") or Path(app_dir).resolve().parents[1] / "bundles" / "cellvta").resolve()
+        for needed in (INFERENCE_CONFIG, TRAIN_CONFIG):
+            if not (bundle / needed).is_file():
+                raise FileNotFoundError(f"{bundle / needed}: not found; --conf bundle must name the CellVTA bundle")
+        model_dir = Path(conf.get("model_dir") or bundle / "models").resolve()
+        work_dir = Path(conf.get("work_dir") or model_dir / "label_runs").resolve()
+        return cls(
+            bundle=bundle,
+            model_dir=model_dir,
+            work_dir=work_dir,
+            overrides=_json_object(conf, "overrides"),
+            model_name=conf.get("model_name", "cellvta"),
+            margin=_positive_int(conf, "margin", 64),
+            max_side=_positive_int(conf, "max_side", 2048),
+            uncertainty_samples=_positive_int(conf, "uncertainty_samples", 4),
+        )

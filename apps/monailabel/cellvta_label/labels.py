@@ -1,0 +1,185 @@
+"""Labels saved in the datastore -> instance and type maps for training.
+
+Accepted label files (by suffix):
+
+* ``.xml``: ASAP annotations, as QuPath's MONAI Label extension submits them and as ``/infer/wsi_v2?output=asap``
+  returns them: one ``Annotation`` polygon per nucleus, its class in ``PartOfGroup`` (or ``Name``); coordinates
+  in pixels of the image the label is saved for.
+* ``.geojson`` / ``.json``: a GeoJSON FeatureCollection (QuPath's export, the bundle's inference output): one
+  ``Polygon`` (or ``MultiPolygon``) per nucleus, its class in ``properties.classification.name``.
+* ``.npz``: ``inst_map`` and ``type_map`` arrays of the image's size, class ids of the served class table.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+POLYGON_SUFFIXES = (".xml", ".geojson", ".json")
+MAP_SUFFIXES = (".npz",)
+
+
+@dataclass(frozen=True)
+class NucleusPolygon:
+    """One labelled nucleus: its class name and its outline ``points`` ``(K, 2)`` (x, y), K >= 3."""
+
+    name: str
+    points: np.ndarray
+
+
+def read_polygons(path: str | Path) -> list[NucleusPolygon]:
+    """The labelled nuclei of an ASAP XML or GeoJSON label file.
+
+    Raises:
+        ValueError: unreadable file, unsupported suffix, or a polygon without a class, naming the file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".xml":
+        return _read_asap(path)
+    if suffix in (".geojson", ".json"):
+        return _read_geojson(path)
+    raise ValueError(f"{path}: unsupported label format {suffix!r} (expected {POLYGON_SUFFIXES + MAP_SUFFIXES})")
+
+
+def _read_asap(path: Path) -> list[NucleusPolygon]:
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise ValueError(f"{path}: not valid XML ({err})") from err
+    polygons = []
+    for i, annotation in enumerate(root.iter("Annotation")):
+        name = (annotation.get("PartOfGroup") or "").strip()
+        if not name or name == "None":
+            name = (annotation.get("Name") or "").strip()
+        if not name:
+            raise ValueError(f"{path}: annotation {i} has no class (PartOfGroup or Name)")
+        try:
+            points = [(float(c.get("X")), float(c.get("Y"))) for c in annotation.iter("Coordinate")]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: annotation {i} has a coordinate without numeric X/Y ({err})") from err
+        if len(points) >= 3:
+            polygons.append(NucleusPolygon(name, np.asarray(points, np.float64)))
+    return polygons
+
+
+def _feature_name(feature: dict) -> str:
+    props = feature.get("properties") or {}
+    classification = props.get("classification") or {}
+    name = classification.get("name") if isinstance(classification, dict) else None
+    return str(name or props.get("name") or props.get("label") or "").strip()
+
+
+def _read_geojson(path: Path) -> list[NucleusPolygon]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    features = data.get("features") if isinstance(data, dict) else data
+    if not isinstance(features, list):
+        raise ValueError(f"{path}: expected a GeoJSON FeatureCollection or a list of features")
+    polygons = []
+    for i, feature in enumerate(features):
+        geometry = feature.get("geometry") or {}
+        kind = geometry.get("type")
+        if kind == "Polygon":
+            rings = [geometry["coordinates"][0]]
+        elif kind == "MultiPolygon":
+            rings = [part[0] for part in geometry["coordinates"]]
+        else:
+            continue
+        name = _feature_name(feature)
+        if not name:
+            raise ValueError(f"{path}: feature {i} has no class (properties.classification.name)")
+        for ring in rings:
+            if len(ring) >= 3:
+                polygons.append(NucleusPolygon(name, np.asarray(ring, np.float64)[:, :2]))
+    return polygons
+
+
+def class_table(current: Sequence[str] | None, names: Iterable[str], requested: Sequence[str] | None = None,
+                source: str = "labels") -> list[str]:
+    """The class table to train with, background first.
+
+    Args:
+        current: the served model's classes (background first), or None when there is no model yet.
+        names: the class names found in the labels.
+        requested: an explicit class list (the user's own classes); every label name must be in it.
+        source: what the names come from, for error messages.
+
+    Returns:
+        ``requested`` (with ``background`` prepended if absent) when given; else ``current`` followed by the
+        label names it does not have (matched case-insensitively), in sorted order.
+    """
+    found = {n.strip() for n in names}
+    if requested:
+        table = list(requested) if requested[0].lower() == "background" else ["background", *requested]
+        known = {n.lower() for n in table}
+        unknown = sorted(n for n in found if n.lower() not in known)
+        if unknown:
+            raise ValueError(f"{source}: class names {unknown} are not in the requested classes {table}")
+        return table
+    table = list(current) if current else ["background"]
+    known = {n.lower() for n in table}
+    return table + sorted({n for n in found if n.lower() not in known}, key=str.lower)
+
+
+def rasterize(polygons: Sequence[NucleusPolygon], shape: tuple[int, int], classes: Sequence[str],
+              origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """Instance and type maps of the labelled nuclei in the ``shape`` = (H, W) window at ``origin`` = (x, y).
+
+    Every polygon is filled (boundary included) with a new instance id; where polygons overlap the later one
+    wins. Instances left with no pixel in the window are dropped and ids are made consecutive.
+
+    Returns:
+        ``inst_map`` (H, W) int32 (0 background, 1..N) and ``type_map`` (H, W) uint8 (class ids of ``classes``).
+    """
+    from scripts.data import relabel_sequential
+
+    ids = {name.lower(): i for i, name in enumerate(classes)}
+    inst = np.zeros(shape, np.int32)
+    cls_of = np.zeros(len(polygons) + 1, np.uint8)
+    for k, polygon in enumerate(polygons, start=1):
+        if polygon.name.lower() not in ids:
+            raise ValueError(f"class {polygon.name!r} is not in the class table {list(classes)}")
+        points = np.rint(polygon.points - np.asarray(origin, np.float64)).astype(np.int32)
+        cv2.fillPoly(inst, [points.reshape(-1, 1, 2)], k)
+        cls_of[k] = ids[polygon.name.lower()]
+    type_map = cls_of[inst]
+    return relabel_sequential(inst), type_map
+
+
+def bounds(polygons: Sequence[NucleusPolygon], pad: int, extent: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(x, y, width, height)`` around all polygons, ``pad`` pixels wider on every side, inside ``extent``."""
+    if not polygons:
+        raise ValueError("no labelled nuclei")
+    points = np.concatenate([p.points for p in polygons])
+    x0, y0 = np.floor(points.min(0)).astype(int) - pad
+    x1, y1 = np.ceil(points.max(0)).astype(int) + pad + 1
+    x0, y0 = max(int(x0), 0), max(int(y0), 0)
+    x1, y1 = min(int(x1), extent[0]), min(int(y1), extent[1])
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def read_maps(path: str | Path, shape: tuple[int, int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``inst_map`` and ``type_map`` of an ``.npz`` label, checked against the image ``shape`` and class count."""
+    path = Path(path)
+    try:
+        arrays = dict(np.load(path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable label npz ({err})") from err
+    missing = {"inst_map", "type_map"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path}: missing arrays {sorted(missing)} (found {sorted(arrays)})")
+    inst, types = arrays["inst_map"], arrays["type_map"]
+    if inst.shape != tuple(shape) or types.shape != tuple(shape):
+        raise ValueError(f"{path}: label maps {inst.shape}/{types.shape} differ from the image size {tuple(shape)}")
+    if types.size and int(types.max()) >= num_classes:
+        raise ValueError(f"{path}: class id {int(types.max())} outside the class table of {num_classes} classes")
+    return inst.astype(np.int32), types.astype(np.uint8)

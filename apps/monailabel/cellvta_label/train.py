@@ -1,0 +1,176 @@
+"""The MONAI Label training task: fine-tune the served model on the datastore's labels with the bundle's own
+training workflow, then publish the best checkpoint to the model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from .bundle import CLASS_TABLE, MODEL_FILE, BundleModel, bundle_parser
+from .checkpoints import carry_over
+from .config import TRAIN_CONFIG, AppConfig
+from .dataset import LabelledImage, label_names, write_dataset
+from .labels import class_table
+
+STATS_FILE = "train_stats.json"
+BEST_METRIC = re.compile(r"Got new best metric of val_bpq: ([0-9.eE+-]+)")
+DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "batch_size": 4,
+    "learning_rate": 1e-4,
+    "val_split": 0.2,
+    "num_workers": 0,
+    "seed": 19,
+    "classes": "",
+}
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def _classes_param(value: Any) -> list[str] | None:
+    if not value:
+        return None
+    names = value if isinstance(value, list) else str(value).split(",")
+    return [str(n).strip() for n in names if str(n).strip()]
+
+
+class CellVTATrain(TrainTask):
+    """Fine-tune on every image of the datastore that has a final label, from the served checkpoint.
+
+    The labels' class names may differ from the served model's: new names are appended to its class table
+    (or ``classes`` in the request replaces the table), and the type head keeps the learnt rows of the classes
+    both tables share. Each run lives in ``<work_dir>/run_<time>/`` (``data/``, ``train.log``, ``models/``);
+    its best checkpoint (validation bPQ) and class table replace the served ones, which the inference task
+    picks up on its next request.
+
+    Args:
+        model: the served bundle.
+        config: the app's settings.
+    """
+
+    def __init__(self, model: BundleModel, config: AppConfig) -> None:
+        super().__init__("Fine-tune CellVTA on the datastore's labels with the bundle's training workflow")
+        self.model = model
+        self.app_config = config
+
+    def config(self) -> dict[str, Any]:
+        return dict(DEFAULTS)
+
+    def stats(self) -> dict[str, Any]:
+        path = self.app_config.model_dir / STATS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
+        params = {**DEFAULTS, **{k: v for k, v in request.items() if k in DEFAULTS}}
+        started = time.time()
+        items = [LabelledImage(Path(d["image"]), Path(d["label"])) for d in datastore.datalist()]
+        if not items:
+            raise ValueError("the datastore has no labelled images: save labels with PUT /datastore/label first")
+        run_dir = self.app_config.work_dir / time.strftime("run_%Y%m%d_%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=False)
+
+        served = self.model.is_ready()
+        current = self.model.classes() if served else None
+        classes = class_table(current, label_names(items), _classes_param(params["classes"]), "datastore labels")
+        info = self._served_info() if served else None
+        patch_size = int(bundle_parser(self.app_config.bundle, TRAIN_CONFIG, self.app_config.overrides)
+                         .get_parsed_content("patch_size"))
+        splits = write_dataset(
+            items, run_dir / "data", classes, info.tissues if info else ["tissue"],
+            info.magnification if info else 40, patch_size, float(params["val_split"]), int(params["seed"]),
+        )
+        initial = self._initial_weights(run_dir, classes, current) if served else None
+        best = self._run_bundle(run_dir, initial, params)
+        self._publish(run_dir / "models")
+        stats = {
+            "run": run_dir.name,
+            "images": len(items),
+            "train": splits["train"],
+            "val": splits["val"],
+            "classes": classes,
+            "epochs": int(params["epochs"]),
+            "best_val_bpq": best,
+            "initial_weights": str(initial) if initial else None,
+            "seconds": round(time.time() - started, 1),
+        }
+        (self.app_config.model_dir / STATS_FILE).write_text(json.dumps(stats, indent=1))
+        return stats
+
+    def _served_info(self):
+        from scripts.data import read_info
+
+        return read_info(self.app_config.model_dir)
+
+    def _initial_weights(self, run_dir: Path, classes: list[str], current: list[str]) -> Path:
+        """The served weights, or (new class table) a copy of them fitted to the new type head."""
+        if [c.lower() for c in classes] == [c.lower() for c in current]:
+            return self.model.model_file
+        from scripts.backbones import read_state_dict
+
+        parser = bundle_parser(self.app_config.bundle, TRAIN_CONFIG, {
+            "dataset_dir": str(run_dir / "data"), "dataset_name": "folder", **self.app_config.overrides,
+        })
+        fresh = parser.get_parsed_content("network_def", instantiate=True).state_dict()
+        state, partial = carry_over(read_state_dict(self.model.model_file), current, fresh, classes)
+        print(f"class table {current} -> {classes}: re-initialised rows of {partial}", flush=True)
+        path = run_dir / "initial.pt"
+        torch.save(state, path)
+        return path
+
+    def _run_bundle(self, run_dir: Path, initial: Path | None, params: dict[str, Any]) -> float | None:
+        """``python -m monai.bundle run training`` in the bundle folder; returns the best validation bPQ."""
+        overrides: dict[str, Any] = {
+            **self.app_config.overrides,
+            "bundle_root": str(run_dir),
+            "dataset_dir": str(run_dir / "data"),
+            "dataset_name": "folder",
+            "epochs": int(params["epochs"]),
+            "batch_size": int(params["batch_size"]),
+            "learning_rate": float(params["learning_rate"]),
+            "num_workers": int(params["num_workers"]),
+            "seed": int(params["seed"]),
+            "loss_weights": {"tissue_ce": 0.0},
+            "progress_bar": False,
+        }
+        if initial is not None:
+            overrides["checkpoint"] = str(initial)
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIG)]
+        for key, value in overrides.items():
+            cmd += [f"--{key}", repr(value)]
+        log = run_dir / "train.log"
+        best = None
+        with log.open("w") as out, subprocess.Popen(cmd, cwd=self.app_config.bundle, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                out.write(line)
+                print(line, end="", flush=True)
+                if match := BEST_METRIC.search(line):
+                    best = float(match.group(1))
+        if proc.returncode != 0:
+            raise RuntimeError(f"the bundle's training failed (exit code {proc.returncode}); see {log}")
+        return best
+
+    def _publish(self, models: Path) -> None:
+        """Replace the served weights and class table by the run's best checkpoint and table."""
+        weights, table = models / MODEL_FILE, models / CLASS_TABLE
+        for path in (weights, table):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: the training run wrote no {path.name}")
+        self.app_config.model_dir.mkdir(parents=True, exist_ok=True)
+        _copy_atomically(table, self.app_config.model_dir / CLASS_TABLE)
+        _copy_atomically(weights, self.app_config.model_dir / MODEL_FILE)
