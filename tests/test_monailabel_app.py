@@ -473,7 +473,6 @@ def test_slide_regions_return_asap_polygons_of_the_bundles_nuclei(server, refere
 
 
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_saved_labels_steer_active_learning(server, consep):
     import requests
 
@@ -506,7 +505,6 @@ def test_saved_labels_steer_active_learning(server, consep):
 
 
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_training_fine_tunes_on_the_saved_label_and_publishes(server):
     import requests
 
