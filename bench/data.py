@@ -26,9 +26,9 @@ from monai.transforms import ComputeHoVerMaps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bundles" / "cellvta")]
 
-from scripts.data import dataset_list
-from scripts.prepare import CONSEP_CLASSES, arrays
-from scripts.transforms import NucleiTargetsd, hv_maps, train_transforms
+from scripts.data.datasets import dataset_list
+from scripts.data.prepare import CONSEP_CLASSES, arrays
+from scripts.data.transforms import NucleiTargetsd, hv_maps, train_transforms
 
 CONSEP = ROOT.parent / "shared" / "data" / "consep" / "consep_train.npz"
 

@@ -24,7 +24,7 @@ from monai.metrics import compute_panoptic_quality
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bundles" / "cellvta")]
 
-from scripts.metrics import evaluate_image  # noqa: E402
+from scripts.nuclei.metrics import evaluate_image  # noqa: E402
 
 FIXTURE = ROOT.parent / "shared" / "data" / "fixtures" / "postprocess_consep.npz"
 NUM_CLASSES = 5

@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bundles" / "cellvta")]
 
-from scripts.network import CellVTA, CellViT  # noqa: E402
-from scripts.inference import prepare_for_inference  # noqa: E402
+from scripts.model.network import CellVTA, CellViT  # noqa: E402
+from scripts.model.precision import prepare_for_inference  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:

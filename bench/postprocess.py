@@ -32,8 +32,8 @@ from monai.apps.pathology.transforms.post.array import (  # noqa: E402
     HoVerNetNuclearTypePostProcessing,
 )
 
-from scripts.postprocess import hovernet_postprocess  # noqa: E402
-from scripts.postprocess_transforms import MonaiHoVerNetPostProcessing  # noqa: E402
+from scripts.nuclei.postprocess import hovernet_postprocess  # noqa: E402
+from scripts.nuclei.postprocess_transforms import MonaiHoVerNetPostProcessing  # noqa: E402
 
 
 def load_fixture(folder: Path) -> tuple[dict[str, np.ndarray], list[dict]]:

@@ -59,13 +59,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "cellvta"
 sys.path[:0] = [str(ROOT), str(BUNDLE)]
 
-from scripts.data import dataset_list, read_info  # noqa: E402
-from scripts.losses import CellVTALoss  # noqa: E402
-from scripts.metrics import evaluate_image, summarize  # noqa: E402
-from scripts.postprocess_transforms import HoVerNetPostProcessing  # noqa: E402
-from scripts.prepare import CONSEP_CLASSES, arrays  # noqa: E402
-from scripts.sampling import CellTissueSampler  # noqa: E402
-from scripts.transforms import LABEL_KEYS, IMAGE_KEY, train_transforms, val_transforms  # noqa: E402
+from scripts.data.datasets import dataset_list, read_info  # noqa: E402
+from scripts.training.losses import CellVTALoss  # noqa: E402
+from scripts.nuclei.metrics import evaluate_image, summarize  # noqa: E402
+from scripts.nuclei.postprocess_transforms import HoVerNetPostProcessing  # noqa: E402
+from scripts.data.prepare import CONSEP_CLASSES, arrays  # noqa: E402
+from scripts.data.sampling import CellTissueSampler  # noqa: E402
+from scripts.data.transforms import LABEL_KEYS, IMAGE_KEY, train_transforms, val_transforms  # noqa: E402
 
 CONSEP = ROOT.parent / "shared" / "data" / "consep" / "consep_train.npz"
 TILE = 256

@@ -2,7 +2,7 @@
 
 A 2048 x 2048 mosaic of 64 real CoNSeP patches (../shared/data) is repeated into a pyramidal JPEG TIFF of
 ``--side`` x ``--side`` pixels at 0.25 um/px (45056 by default: about 1.1 million nuclei), written once and kept
-in ``--cache``. The whole-slide pipeline (``scripts.wsi.run_slide``: tissue detection, tiles of 256 with 64 of
+in ``--cache``. The whole-slide pipeline (``scripts.slides.wsi.run_slide``: tissue detection, tiles of 256 with 64 of
 overlap, reading, post-processing workers, merging, streamed GeoJSON/CSV/overlay) runs on it in a child process
 with the network replaced by the ground-truth oracle (``GroundTruthPredictor``), so the figures measure the
 pipeline itself. The peak resident memory of the child's whole process tree (sum of the RSS of the child and its
@@ -78,8 +78,8 @@ def tree_rss(pid: int) -> int:
 def run_child(slide: Path, gt: Path, out: Path, workers: int) -> None:
     """The measured process: whole-slide inference with the ground-truth oracle."""
     sys.path[:0] = [str(REPO), str(REPO / "bundles" / "cellvta")]
-    from scripts.predictors import GroundTruthPredictor
-    from scripts.wsi import WSISettings, postprocess_pool, run_slide
+    from scripts.slides.predictors import GroundTruthPredictor
+    from scripts.slides.wsi import WSISettings, postprocess_pool, run_slide
 
     with np.load(gt) as data:
         predictor = GroundTruthPredictor(data["inst"], data["types"], len(CLASSES), periodic=True)
@@ -139,7 +139,7 @@ def main() -> None:
         return
 
     sys.path[:0] = [str(REPO), str(REPO / "bundles" / "cellvta")]
-    from scripts.pyramid import PeriodicImage, write_pyramidal_tiff
+    from scripts.slides.pyramid import PeriodicImage, write_pyramidal_tiff
 
     args.cache.mkdir(parents=True, exist_ok=True)
     image, inst, types = mosaic()

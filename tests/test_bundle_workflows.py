@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.data import dataset_list
+from scripts.data.datasets import dataset_list
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cellvta"
 TINY = ["--backbone", "vit-t", "--vit_kwargs", "{'depth': 4}", "--patch_size", "64", "--num_workers", "0"]
@@ -30,7 +30,7 @@ def bundle_run(workflow: str, config: str, *args: str) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    subprocess.run([sys.executable, "-m", "scripts.prepare", "synthetic", "--out", str(out), "--n", "20", "--size", "64"],
+    subprocess.run([sys.executable, "-m", "scripts.data.prepare", "synthetic", "--out", str(out), "--n", "20", "--size", "64"],
                    cwd=BUNDLE, check=True, capture_output=True, timeout=300)
     return out
 
@@ -143,7 +143,7 @@ def test_torchrun_two_ranks_on_gloo_train_on_different_data_and_write_one_checkp
 
 @pytest.mark.slow
 def test_torchscript_export_equals_the_eager_network_and_outputs_match_the_metadata(trained, synthetic, monkeypatch):
-    from scripts.export import compare_torchscript, verify_net_io
+    from scripts.model.export import compare_torchscript, verify_net_io
 
     ts_file = trained / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_file),
@@ -168,7 +168,7 @@ def test_torchscript_export_equals_the_eager_network_and_outputs_match_the_metad
 
 
 def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained, synthetic, tmp_path):
-    from scripts.pyramid import write_pyramidal_tiff
+    from scripts.slides.pyramid import write_pyramidal_tiff
 
     tiles = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((synthetic / "images").glob("*.png"))[:9]]
     slide = tmp_path / "synthetic_slide.tif"

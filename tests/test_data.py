@@ -1,4 +1,4 @@
-"""Dataset layout (scripts.data) and oversampling weights (scripts.sampling)."""
+"""Dataset layout (scripts.data.datasets) and oversampling weights (scripts.data.sampling)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from scripts.data import (
+from scripts.data.datasets import (
     DatasetWriter,
     cell_counts,
     class_names,
@@ -22,7 +22,7 @@ from scripts.data import (
     split_groups,
     tissue_names,
 )
-from scripts.sampling import CellTissueSampler, cell_weights, sampling_weights, tissue_weights
+from scripts.data.sampling import CellTissueSampler, cell_weights, sampling_weights, tissue_weights
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
 

@@ -34,7 +34,7 @@ from cellvta_deploy.bundle import find_model_dir, load_pipeline  # noqa: E402
 from cellvta_deploy.inputs import LoadedImage, load_item, read_region_request, scan_inputs  # noqa: E402
 from cellvta_deploy.outputs import write_maps_tiff  # noqa: E402
 from cellvta_deploy.settings import AppSettings  # noqa: E402
-from scripts.network import CellVTA  # noqa: E402
+from scripts.model.network import CellVTA  # noqa: E402
 
 
 def _sdk_installed() -> bool:

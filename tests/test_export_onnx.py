@@ -18,7 +18,7 @@ pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's dynamo export
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (requirements-dev.txt lists it)")
 
 from custom_ops import IMPL_ENV, MSDeformAttn  # noqa: E402
-from scripts.export import compare_onnx, export_onnx_model, run_onnx  # noqa: E402
+from scripts.model.export import compare_onnx, export_onnx_model, run_onnx  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cellvta"
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle"]
@@ -73,7 +73,7 @@ def bundle_root(tmp_path_factory) -> Path:
 def onnx_file(bundle_root) -> Path:
     """The tiny model exported through the command line, as a user runs it."""
     out = bundle_root / "models" / "model.onnx"
-    cmd = [sys.executable, "-m", "scripts.export", "export_onnx", "--config_file", "configs/inference.yaml",
+    cmd = [sys.executable, "-m", "scripts.model.export", "export_onnx", "--config_file", "configs/inference.yaml",
            "--onnx_file", str(out), "--ckpt_file", str(bundle_root / "models" / "model.pt"), "--n", str(N),
            "--bundle_root", str(bundle_root), "--backbone", "vit-t", "--vit_kwargs", "{'depth': 4}"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}

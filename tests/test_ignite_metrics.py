@@ -10,7 +10,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.ignite_metrics import AJI, BinaryPQ, MultiPQ, MultiPQPlus, NucleiMetricsSaver
+from scripts.nuclei.ignite_metrics import AJI, BinaryPQ, MultiPQ, MultiPQPlus, NucleiMetricsSaver
 
 
 @pytest.fixture(scope="module")

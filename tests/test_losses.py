@@ -1,4 +1,4 @@
-"""CellVTA loss terms (scripts.losses) against MONAI and direct numpy formulas."""
+"""CellVTA loss terms (scripts.training.losses) against MONAI and direct numpy formulas."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.apps.pathology.losses import HoVerNetLoss
 from monai.losses import DiceLoss, TverskyLoss
 from scipy import ndimage
-from scripts.losses import (
+from scripts.training.losses import (
     DEFAULT_WEIGHTS,
     CellVTALoss,
     dice_per_class,
@@ -18,7 +18,7 @@ from scripts.losses import (
     one_hot,
     sobel_kernels,
 )
-from scripts.transforms import hv_maps
+from scripts.data.transforms import hv_maps
 
 
 def _random_batch(seed: int = 0, b: int = 2, c: int = 5, t: int = 3, size: int = 32) -> tuple[dict, dict]:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from monai.metrics import PanopticQualityMetric, compute_panoptic_quality
 from scipy.optimize import linear_sum_assignment
 
-from scripts import metrics as M
+from scripts.nuclei import metrics as M
 
 NUM_CLASSES = 5  # CoNSeP: background + other, inflammatory, epithelial, spindle
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -512,6 +512,6 @@ def test_overlap_pairs_are_exhaustive_and_sorted() -> None:
 
 
 def test_metrics_module_does_not_import_torch() -> None:
-    code = "import sys, scripts.metrics, scripts.evaluation; sys.exit('torch' in sys.modules)"
+    code = "import sys, scripts.nuclei.metrics, scripts.nuclei.evaluation; sys.exit('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT / "bundles" / "cellvta", capture_output=True)
     assert result.returncode == 0, result.stderr.decode()

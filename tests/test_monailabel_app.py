@@ -43,7 +43,7 @@ from cellvta_label.uncertainty import (  # noqa: E402
     type_probabilities,
     undo_dihedral,
 )
-from scripts.prepare import CONSEP_CLASSES  # noqa: E402
+from scripts.data.prepare import CONSEP_CLASSES  # noqa: E402
 
 # a CellVTA small enough to train and serve in seconds on 2 cores; the server and the reference inference
 # run the same (pure PyTorch) attention op, so both compute the same maps
@@ -263,7 +263,7 @@ def write_png(path: Path, rgb: np.ndarray) -> Path:
 @pytest.fixture(scope="module")
 def trained(consep, tmp_path_factory) -> Path:
     """Model folder of a small CellVTA trained on CoNSeP patches by the bundle's training workflow."""
-    from scripts.data import DatasetWriter, relabel_sequential
+    from scripts.data.datasets import DatasetWriter, relabel_sequential
 
     data = tmp_path_factory.mktemp("consep_patches")
     size = NETWORK["patch_size"]

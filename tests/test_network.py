@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from custom_ops import IMPL_ENV
-from scripts.backbones import PRESETS, create_vit
-from scripts.convert import convert_official_key
-from scripts.network import CellVTA, CellViT
+from scripts.model.backbones import PRESETS, create_vit
+from scripts.model.convert import convert_official_key
+from scripts.model.network import CellVTA, CellViT
 
 OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "official_cellvta_keys.json"
 SMALL = {"backbone": "vit-s", "vit_kwargs": {"depth": 4}, "num_nuclei_classes": 5, "num_tissue_classes": 3}
@@ -191,7 +191,7 @@ def test_presets_cover_the_foundation_models():
 
 
 def test_inference_preparation_keeps_the_outputs():
-    from scripts.inference import prepare_for_inference
+    from scripts.model.precision import prepare_for_inference
 
     model, x = small_cellvta(), images(1, 128)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from scipy import ndimage
 from skimage.draw import ellipse
 from skimage.segmentation import watershed
 
-from scripts.postprocess import (
+from scripts.nuclei.postprocess import (
     Nuclei,
     _argmax_channels,
     _contours,
@@ -31,7 +31,7 @@ from scripts.postprocess import (
     marker_watershed,
     nuclei_from_instance_map,
 )
-from scripts.postprocess_transforms import (
+from scripts.nuclei.postprocess_transforms import (
     HoVerNetPostProcessing,
     HoVerNetPostProcessingd,
     MonaiHoVerNetPostProcessing,
@@ -211,7 +211,7 @@ def test_reproduces_cellvit_reference_fixture(fixture_maps, reference_cells):
 
 def test_type_probabilities_are_exact_in_float64(fixture_maps, reference_cells):
     """type_probs are stored as float32; the float64 vote behind them equals the reference to the last bit."""
-    from scripts.postprocess import _argmax_channels as argmax, _foreground, _vote_types
+    from scripts.nuclei.postprocess import _argmax_channels as argmax, _foreground, _vote_types
 
     i = 7
     inst_map, nuclei = hovernet_postprocess(fixture_maps["nuclei_prob"][i], fixture_maps["hv32"][i], None)
@@ -559,7 +559,7 @@ def test_corrected_monai_agrees_with_stock_monai_and_with_cellvit(fixture_maps):
         HoVerNetInstanceMapPostProcessing,
         HoVerNetNuclearTypePostProcessing,
     )
-    from scripts.postprocess_transforms import GaussianBlur3x3
+    from scripts.nuclei.postprocess_transforms import GaussianBlur3x3
 
     stock_instances = HoVerNetInstanceMapPostProcessing(sobel_kernel_size=21, distance_smooth_fn=GaussianBlur3x3())
     stock_types = HoVerNetNuclearTypePostProcessing()

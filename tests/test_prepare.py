@@ -1,4 +1,4 @@
-"""Converters (scripts.prepare) on miniature files in the official formats, and CoNSeP on real patches."""
+"""Converters (scripts.data.prepare) on miniature files in the official formats, and CoNSeP on real patches."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tifffile
 from scipy.io import savemat
-from scripts import prepare
-from scripts.data import dataset_list, read_image, read_info, read_label
+from scripts.data import prepare
+from scripts.data.datasets import dataset_list, read_image, read_info, read_label
 from shapely.geometry import Polygon
 
 
@@ -269,7 +269,7 @@ def test_command_line(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "scripts.prepare",
+        "scripts.data.prepare",
         "synthetic",
         "--out",
         str(tmp_path / "s"),

@@ -1,4 +1,4 @@
-"""Training transforms and targets (scripts.transforms) on real CoNSeP patches."""
+"""Training transforms and targets (scripts.data.transforms) on real CoNSeP patches."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, ComputeHoVerMaps
 from scipy import ndimage
-from scripts.data import DatasetWriter, dataset_list, instance_types
-from scripts.losses import CellVTALoss
-from scripts.prepare import synthetic
-from scripts.sampling import CellTissueSampler
-from scripts.transforms import (
+from scripts.data.datasets import DatasetWriter, dataset_list, instance_types
+from scripts.training.losses import CellVTALoss
+from scripts.data.prepare import synthetic
+from scripts.data.sampling import CellTissueSampler
+from scripts.data.transforms import (
     LoadSampled,
     NucleiTargetsd,
     RandColorJitter,

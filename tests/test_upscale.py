@@ -6,11 +6,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.metrics import instance_overlap, panoptic_quality, pq_counts
-from scripts.postprocess import nuclei_from_instance_map
-from scripts.postprocess_transforms import HoVerNetPostProcessingd
-from scripts.transforms import hv_maps
-from scripts.upscale import ToLabelSized, UpscaleInferer
+from scripts.nuclei.metrics import instance_overlap, panoptic_quality, pq_counts
+from scripts.nuclei.postprocess import nuclei_from_instance_map
+from scripts.nuclei.postprocess_transforms import HoVerNetPostProcessingd
+from scripts.data.transforms import hv_maps
+from scripts.inference.upscale import ToLabelSized, UpscaleInferer
 
 
 class CoordinateOracle(nn.Module):

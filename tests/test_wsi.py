@@ -18,14 +18,14 @@ import pytest
 import shapely.geometry
 from scipy import ndimage
 
-from scripts.metrics import instance_overlap, panoptic_quality, pq_counts
-from scripts.postprocess import nuclei_from_instance_map
-from scripts.predictors import GroundTruthPredictor, PredictedMaps
-from scripts.pyramid import PeriodicImage, write_pyramidal_tiff
-from scripts.slides import SlideError, open_slide
-from scripts.tiling import TileGrid
-from scripts.transforms import hv_maps
-from scripts.wsi import WSISettings, run_cohort, run_slide
+from scripts.nuclei.metrics import instance_overlap, panoptic_quality, pq_counts
+from scripts.nuclei.postprocess import nuclei_from_instance_map
+from scripts.slides.predictors import GroundTruthPredictor, PredictedMaps
+from scripts.slides.pyramid import PeriodicImage, write_pyramidal_tiff
+from scripts.slides.readers import SlideError, open_slide
+from scripts.slides.tiling import TileGrid
+from scripts.data.transforms import hv_maps
+from scripts.slides.wsi import WSISettings, run_cohort, run_slide
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
 SETTINGS = WSISettings(postprocess_workers=0, chunk_tiles=4, min_tissue_fraction=0.0)
@@ -200,9 +200,9 @@ RUN_SLIDE = """
 import sys
 sys.path[:0] = {paths!r}
 import numpy as np
-from scripts.postprocess import nuclei_from_instance_map
-from scripts.predictors import GroundTruthPredictor
-from scripts.wsi import WSISettings, run_slide
+from scripts.nuclei.postprocess import nuclei_from_instance_map
+from scripts.slides.predictors import GroundTruthPredictor
+from scripts.slides.wsi import WSISettings, run_slide
 gt = np.load({gt!r})
 run_slide({slide!r}, {out!r}, GroundTruthPredictor(gt["inst"], gt["types"], 5, periodic=True), {classes!r},
           WSISettings(postprocess_workers=0, chunk_tiles=8, min_tissue_fraction=0.0, batch_size=4))

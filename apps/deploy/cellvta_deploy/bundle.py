@@ -3,7 +3,7 @@
 A model folder holds what the bundle's training writes to ``models/``:
 
 * ``model.pt``: the network's state dict;
-* ``dataset.json``: class and tissue names (``scripts.engine.save_class_table``);
+* ``dataset.json``: class and tissue names (``scripts.data.datasets.save_class_table``);
 * ``overrides.json`` (optional): keys of ``configs/inference.yaml`` describing the trained model, e.g.
   ``{"backbone": "vit-b", "vit_kwargs": {"depth": 8}, "patch_size": 128}``. It is the same file
   ``python -m monai.bundle run inferring --args_file overrides.json`` takes, so the app and the bundle's inference
@@ -116,7 +116,7 @@ class NucleiPrediction:
     Attributes:
         inst_map: (H, W) int32 instance ids, 0 background.
         type_map: (H, W) int32 class ids, 0 background.
-        nuclei: ``scripts.postprocess.Nuclei`` (ids, types, probabilities, centroids, boxes, contours).
+        nuclei: ``scripts.nuclei.postprocess.Nuclei`` (ids, types, probabilities, centroids, boxes, contours).
     """
 
     inst_map: np.ndarray
@@ -130,7 +130,7 @@ class CellVTAPipeline:
 
     Attributes:
         preprocessing: dict transform, ``{"image": (H, W, 3) uint8}`` -> ``{"image": (3, H, W) float32}`` normalised.
-        network: the network restricted to its maps (``scripts.engine.SpatialOutputs``), in eval mode on ``device``.
+        network: the network restricted to its maps (``scripts.model.spatial_outputs.SpatialOutputs``), in eval mode on ``device``.
         inferer: sliding-window inferer, ``(1, 3, H, W)`` -> dict of ``(1, C, H, W)`` maps.
         postprocessing: dict transform on ``{"pred": maps}`` adding ``inst_map``, ``type_map`` and ``nuclei``.
         class_names: class names, background first.

@@ -10,7 +10,7 @@ The input path (``-i``) is a file or a folder of files:
   ``slide`` is relative to the request's folder (or absolute); ``location`` is the region's top-left corner in
   level-0 pixels; ``size`` is in pixels of ``level`` (default 0); optional ``mpp`` gives the slide's level-0
   microns per pixel when the file does not record it; optional ``backend`` is ``auto`` (default), ``openslide``
-  or ``tifffile`` (``scripts.slides.open_slide``). Files named by a request are slides, not tiles.
+  or ``tifffile`` (``scripts.slides.readers.open_slide``). Files named by a request are slides, not tiles.
 
 The pixels of a region must have the resolution the network was trained at (0.25 µm/px at 40x): a level whose
 resolution differs by more than 15% is refused, naming the level that fits.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scripts.data import read_image
-from scripts.slides import open_slide
+from scripts.data.datasets import read_image
+from scripts.slides.readers import open_slide
 
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 REQUEST_SUFFIX = ".json"
@@ -170,7 +170,7 @@ def read_region(request: RegionRequest, magnification: int) -> LoadedImage:
         magnification: the network's magnification (its microns per pixel are ``10 / magnification``).
 
     Raises:
-        ValueError (``scripts.slides.SlideError``): the slide cannot be read, the level does not exist, the region
+        ValueError (``scripts.slides.readers.SlideError``): the slide cannot be read, the level does not exist, the region
             lies outside the slide, the resolution is unknown or does not match; the message names the request.
     """
     with open_slide(request.slide, request.backend) as slide:

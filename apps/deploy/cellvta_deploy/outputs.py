@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from scripts.writers import nuclei_features, overlay, replace_atomically, write_maps, write_png
+from scripts.inference.writers import nuclei_features, overlay, replace_atomically, write_maps, write_png
 
 from .bundle import NucleiPrediction
 from .inputs import LoadedImage

@@ -11,8 +11,8 @@ from .regions import Region
 
 
 def select(nuclei, keep: np.ndarray):
-    """The nuclei where ``keep`` (``(N,)`` bool) is True, as a new ``scripts.postprocess.Nuclei``."""
-    from scripts.postprocess import Nuclei
+    """The nuclei where ``keep`` (``(N,)`` bool) is True, as a new ``scripts.nuclei.postprocess.Nuclei``."""
+    from scripts.nuclei.postprocess import Nuclei
 
     index = np.flatnonzero(keep)
     return Nuclei(
@@ -46,7 +46,7 @@ def monai_label_annotation(nuclei, region: Region, class_names: Sequence[str]) -
         ``{"location", "size", "elements": [{"label", "contours"}], "labels": {name: [r, g, b]}}`` in level-0
         image coordinates.
     """
-    from scripts.writers import class_color
+    from scripts.inference.writers import class_color
 
     elements: dict[int, list] = {}
     for contour, cls in zip(nuclei.contours, nuclei.types):
@@ -63,9 +63,9 @@ def monai_label_annotation(nuclei, region: Region, class_names: Sequence[str]) -
 
 
 def geojson(nuclei, region: Region, class_names: Sequence[str]) -> dict:
-    """The nuclei as the bundle's QuPath GeoJSON FeatureCollection (``scripts.writers.nuclei_features``), in
+    """The nuclei as the bundle's QuPath GeoJSON FeatureCollection (``scripts.inference.writers.nuclei_features``), in
     level-0 image coordinates."""
-    from scripts.writers import nuclei_features
+    from scripts.inference.writers import nuclei_features
 
     features = nuclei_features(nuclei, class_names, offset=region.origin, scale=region.downsample)
     return {"type": "FeatureCollection", "features": features}

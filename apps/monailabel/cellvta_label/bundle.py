@@ -131,7 +131,7 @@ class BundleModel:
 
     def build_network(self) -> nn.Module:
         """A new network of the bundle's ``network_def`` with the served weights, on CPU, in eval mode."""
-        from scripts.network import load_network_checkpoint
+        from scripts.model.network import load_network_checkpoint
 
         with self._lock:
             network = self._content("network_def", lazy=False)
@@ -139,9 +139,9 @@ class BundleModel:
         return network.eval()
 
     def network(self, device: str | torch.device) -> nn.Module:
-        """The served network restricted to its per-pixel outputs (``scripts.engine.SpatialOutputs``), in eval
+        """The served network restricted to its per-pixel outputs (``scripts.model.spatial_outputs.SpatialOutputs``), in eval
         mode on ``device``; one instance per device, rebuilt when the weights change."""
-        from scripts.engine import SpatialOutputs
+        from scripts.model.spatial_outputs import SpatialOutputs
 
         key = str(device)
         with self._lock:

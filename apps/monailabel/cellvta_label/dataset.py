@@ -1,4 +1,4 @@
-"""The datastore's labelled images -> a dataset folder in the bundle's layout (``scripts.data``)."""
+"""The datastore's labelled images -> a dataset folder in the bundle's layout (``scripts.data.datasets``)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def patches(image: np.ndarray, inst: np.ndarray, types: np.ndarray, size: int
     Returns:
         ``(image (size, size, 3), inst_map, type_map)`` per patch, instance ids made consecutive.
     """
-    from scripts.data import patch_origins, relabel_sequential
+    from scripts.data.datasets import patch_origins, relabel_sequential
 
     pad_h, pad_w = max(size - image.shape[0], 0), max(size - image.shape[1], 0)
     if pad_h or pad_w:
@@ -107,7 +107,7 @@ def write_dataset(items: Sequence[LabelledImage], out: Path, classes: Sequence[s
     Returns:
         The image names per split.
     """
-    from scripts.data import DatasetWriter
+    from scripts.data.datasets import DatasetWriter
 
     by_name: Mapping[str, LabelledImage] = {item.name: item for item in items}
     if len(by_name) != len(items):

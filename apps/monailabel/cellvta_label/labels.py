@@ -140,7 +140,7 @@ def rasterize(polygons: Sequence[NucleusPolygon], shape: tuple[int, int], classe
     Returns:
         ``inst_map`` (H, W) int32 (0 background, 1..N) and ``type_map`` (H, W) uint8 (class ids of ``classes``).
     """
-    from scripts.data import relabel_sequential
+    from scripts.data.datasets import relabel_sequential
 
     ids = {name.lower(): i for i, name in enumerate(classes)}
     inst = np.zeros(shape, np.int32)

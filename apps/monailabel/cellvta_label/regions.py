@@ -79,7 +79,7 @@ def _open_slide(path: Path):
 
 def image_extent(path: str | Path) -> tuple[int, int]:
     """(width, height) of an image or of a slide's level 0."""
-    from scripts.data import read_image
+    from scripts.data.datasets import read_image
 
     path = Path(path)
     slide = _open_slide(path) if is_slide(path) else None
@@ -109,7 +109,7 @@ def read_region(
     Returns:
         ``(H, W, 3)`` uint8 RGB pixels and their :class:`Region`.
     """
-    from scripts.data import as_rgb_uint8, read_image
+    from scripts.data.datasets import as_rgb_uint8, read_image
 
     location, size = _pair(location, "location"), _pair(size, "size")
     if isinstance(image, np.ndarray):

@@ -112,7 +112,7 @@ class CellVTATrain(TrainTask):
         return stats
 
     def _served_info(self):
-        from scripts.data import read_info
+        from scripts.data.datasets import read_info
 
         return read_info(self.app_config.model_dir)
 
@@ -120,7 +120,7 @@ class CellVTATrain(TrainTask):
         """The served weights, or (new class table) a copy of them fitted to the new type head."""
         if [c.lower() for c in classes] == [c.lower() for c in current]:
             return self.model.model_file
-        from scripts.backbones import read_state_dict
+        from scripts.model.backbones import read_state_dict
 
         parser = bundle_parser(self.app_config.bundle, TRAIN_CONFIG, {
             "dataset_dir": str(run_dir / "data"), "dataset_name": "folder", **self.app_config.overrides,

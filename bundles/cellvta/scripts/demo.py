@@ -1,8 +1,8 @@
 """The bundle's main command: train, evaluate and run inference end to end through the bundle's workflows.
 
-Without a dataset it writes a small SYNTHETIC H&E-like dataset (``scripts.prepare synthetic``: not real
+Without a dataset it writes a small SYNTHETIC H&E-like dataset (``scripts.data.prepare synthetic``: not real
 tissue) and trains a small CellVTA on it for a few minutes on CPU; given ``--dataset_dir`` (a folder written
-by ``scripts.prepare``) it trains on that data. Then it evaluates the best checkpoint on the test split
+by ``scripts.data.prepare``) it trains on that data. Then it evaluates the best checkpoint on the test split
 (metrics tables in JSON and Markdown) and runs inference on the test images (instance and type maps,
 GeoJSON, overlay PNGs), and prints where everything is.
 
@@ -24,8 +24,8 @@ from typing import Any
 
 from monai.bundle import run
 
-from .data import read_info
-from .prepare import synthetic
+from .data.datasets import read_info
+from .data.prepare import synthetic
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -71,7 +71,7 @@ def main(
 
     Args:
         out: output folder (models, evaluation, inference; the synthetic data too when generated).
-        dataset_dir: a dataset folder written by ``scripts.prepare``; None generates synthetic data.
+        dataset_dir: a dataset folder written by ``scripts.data.prepare``; None generates synthetic data.
         dataset_name: its kind (``pannuke``, ``conic``, ``consep``, ``monuseg``, ``folder``), which picks the splits.
         epochs: training epochs.
         n_synthetic, synthetic_size: number and side of the synthetic tiles.

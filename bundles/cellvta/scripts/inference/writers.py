@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import shapely
 
-from .postprocess import Nuclei
+from ..nuclei.postprocess import Nuclei
 
 # class colours (RGB) by class index; background first
 PALETTE = [(0, 0, 0), (255, 0, 0), (34, 221, 77), (35, 92, 236), (254, 255, 0), (255, 159, 68), (35, 255, 255),

@@ -45,11 +45,11 @@ from tqdm import tqdm
 
 from .cell_table import CellTable
 from .predictors import PredictedMaps
-from .slides import Slide, SlideError, open_slide
+from .readers import Slide, SlideError, open_slide
 from .tile_cells import TileMaps, tile_cells
 from .tiling import TileGrid
 from .tissue import tissue_mask
-from .writers import CSVStream, GeoJSONStream, class_color, class_name, closed_rings, detection_feature, write_png
+from ..inference.writers import CSVStream, GeoJSONStream, class_color, class_name, closed_rings, detection_feature, write_png
 
 __all__ = ["SLIDE_SUFFIXES", "SlideGeometry", "WSISettings", "list_slides", "run_cohort", "run_slide", "slide_geometry",
            "weights_id"]

@@ -192,7 +192,7 @@ class CellVTA(_NucleiNet):
     """CellVTA: foundation ViT + adapter + HoVer-Net decoder.
 
     Args:
-        backbone: a preset of ``scripts.backbones.PRESETS`` (``uni``, ``uni2-h``, ``virchow2``,
+        backbone: a preset of ``scripts.model.backbones.PRESETS`` (``uni``, ``uni2-h``, ``virchow2``,
             ``h-optimus-0``, ``dinov2-s/b/l``, ``vit-t/s/b/l``) or any timm ViT name.
         num_nuclei_classes: NC channels including background (PanNuke 6, CoNIC 7, CoNSeP 5).
         num_tissue_classes: tissue head width (0 for no head).

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import prepare_for_inference
-from .transforms import hv_maps
+from ..model.precision import prepare_for_inference
+from ..data.transforms import hv_maps
 
 __all__ = ["GroundTruthPredictor", "NetworkPredictor", "PredictedMaps"]
 

@@ -43,7 +43,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_numpy, ensure_tuple_rep, optional_import
 
-from .data import read_image, read_label
+from .datasets import read_image, read_label
 
 tv_functional, _ = optional_import("torchvision.transforms.v2.functional")
 slic, _ = optional_import("skimage.segmentation", name="slic")
@@ -87,7 +87,7 @@ class LoadLabel(Transform):
 
 
 class LoadSampled(MapTransform):
-    """Load a sample of :func:`scripts.data.dataset_list` (paths) or of in-memory arrays.
+    """Load a sample of :func:`scripts.data.datasets.dataset_list` (paths) or of in-memory arrays.
 
     Args:
         image_key: key of the image (path or (H, W, 3) uint8 array) -> (3, H, W) float32 in [0, 1].

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cell_table import CellTable
-from .postprocess import hovernet_postprocess, nuclei_from_instance_map
+from ..nuclei.postprocess import hovernet_postprocess, nuclei_from_instance_map
 from .tiling import TileGrid
 
 __all__ = ["TileMaps", "tile_cells"]

@@ -22,7 +22,7 @@ Every dataset the bundle trains or evaluates on lives in one folder::
     }
 
 ``split`` is a free string (``train``/``val``/``test``, or ``fold1``.. for PanNuke); ``group`` is the
-unit that must not be split across train and test (patient, source tile). ``scripts.prepare`` writes
+unit that must not be split across train and test (patient, source tile). ``scripts.data.prepare`` writes
 this layout from the public datasets, from a folder of the user's own images, or synthetic demo data.
 """
 
@@ -74,7 +74,7 @@ def read_info(root: str | Path) -> DatasetInfo:
     """Read and check ``<root>/dataset.json``."""
     path = Path(root) / DATASET_JSON
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset description not found (write it with scripts.prepare)")
+        raise FileNotFoundError(f"{path}: dataset description not found (write it with scripts.data.prepare)")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -93,6 +93,19 @@ def read_info(root: str | Path) -> DatasetInfo:
         magnification=int(raw["magnification"]),
         samples=list(raw["samples"]),
     )
+
+
+def save_class_table(info: DatasetInfo, model_dir: str | Path) -> Path:
+    """Write ``<model_dir>/dataset.json``: the class and tissue names and magnification of ``info``, no samples.
+
+    ``read_info(model_dir)`` reads it back, so inference and export configs point their
+    ``dataset_info`` at the model folder.
+    """
+    path = Path(model_dir) / DATASET_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = {**info.to_json(), "samples": []}
+    path.write_text(json.dumps(table, indent=1))
+    return path
 
 
 def class_names(root: str | Path, include_background: bool = True) -> list[str]:

@@ -82,7 +82,7 @@ def sampling_weights(
 
 
 class CellTissueSampler(WeightedRandomSampler):
-    """Weighted sampling with replacement of a :func:`scripts.data.dataset_list` by cell and tissue rarity.
+    """Weighted sampling with replacement of a :func:`scripts.data.datasets.dataset_list` by cell and tissue rarity.
 
     Args:
         data: list of dicts with ``cell_counts`` (per class id, index 0 background) and ``tissue``.

@@ -1,14 +1,14 @@
-"""Converters from the public datasets' distribution formats to the bundle's layout (see ``scripts.data``).
+"""Converters from the public datasets' distribution formats to the bundle's layout (see ``scripts.data.datasets``).
 
 Command line (from ``bundles/cellvta``)::
 
-    python -m scripts.prepare synthetic --out data/synthetic --n 300
-    python -m scripts.prepare pannuke   --src PanNuke/ --out data/pannuke [--download]
-    python -m scripts.prepare conic     --src CoNIC/ --out data/conic
-    python -m scripts.prepare consep    --src CoNSeP/ --out data/consep
-    python -m scripts.prepare monuseg   --src MoNuSeg/ --out data/monuseg --split train
-    python -m scripts.prepare folder    --images imgs/ --instances inst/ [--types types/ --classes a,b] --out data/mine
-    python -m scripts.prepare arrays    --src tiles.npz --out data/mine --classes a,b
+    python -m scripts.data.prepare synthetic --out data/synthetic --n 300
+    python -m scripts.data.prepare pannuke   --src PanNuke/ --out data/pannuke [--download]
+    python -m scripts.data.prepare conic     --src CoNIC/ --out data/conic
+    python -m scripts.data.prepare consep    --src CoNSeP/ --out data/consep
+    python -m scripts.data.prepare monuseg   --src MoNuSeg/ --out data/monuseg --split train
+    python -m scripts.data.prepare folder    --images imgs/ --instances inst/ [--types types/ --classes a,b] --out data/mine
+    python -m scripts.data.prepare arrays    --src tiles.npz --out data/mine --classes a,b
 
 Every converter checks its input (missing files, label size different from the image, images that
 are not RGB uint8, unknown class ids) and raises an error naming the file and the problem.
@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from monai.utils import optional_import
 
-from .data import DatasetWriter, as_rgb_uint8, patch_origins, read_image, relabel_sequential, split_groups
+from .datasets import DatasetWriter, as_rgb_uint8, patch_origins, read_image, relabel_sequential, split_groups
 
 loadmat, _ = optional_import("scipy.io", name="loadmat")
 tifffile, _ = optional_import("tifffile")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from monai.utils import optional_import
 
-from .data import read_image
+from ..data.datasets import read_image
 from .writers import overlay, write_geojson, write_maps, write_png
 
 Events, _ = optional_import("ignite.engine", name="Events")
@@ -33,7 +33,7 @@ class PredictionSaver:
 
     Expects a decollated engine (``engine.state.batch`` and ``engine.state.output`` lists of per-image dicts).
 
-    The files are what ``python -m scripts.evaluation --pred=<output_dir> --gt=<output_dir>
+    The files are what ``python -m scripts.nuclei.evaluation --pred=<output_dir> --gt=<output_dir>
     --gt_keys=gt_inst_map,gt_type_map`` reads.
 
     Args:

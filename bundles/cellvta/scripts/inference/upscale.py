@@ -28,8 +28,8 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
-from .engine import SpatialOutputs
-from .postprocess import nuclei_from_instance_map
+from ..model.spatial_outputs import SpatialOutputs
+from ..nuclei.postprocess import nuclei_from_instance_map
 
 __all__ = ["ToLabelSized", "UpscaleInferer"]
 

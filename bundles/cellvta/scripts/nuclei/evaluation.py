@@ -12,7 +12,7 @@ Sources of maps (``pred`` and ``gt`` alike):
 
 Command line, from ``bundles/cellvta``::
 
-    python -m scripts.evaluation --pred=PRED --gt=GT --output_dir=eval --num_classes=5 \\
+    python -m scripts.nuclei.evaluation --pred=PRED --gt=GT --output_dir=eval --num_classes=5 \\
         --class_names='[background,other,inflammatory,epithelial,spindle]' --tissues=tissues.csv
 """
 

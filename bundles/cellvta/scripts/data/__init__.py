@@ -1,0 +1,1 @@
+"""Datasets in the bundle's layout, their converters, transforms and samplers."""

@@ -1,0 +1,1 @@
+"""Tile inference: the upscale protocol and the writers of maps, overlays and GeoJSON."""

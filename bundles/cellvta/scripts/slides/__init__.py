@@ -1,0 +1,1 @@
+"""Whole slides: readers, tissue detection, tiling, per-tile cells, streamed outputs, the cohort runner."""

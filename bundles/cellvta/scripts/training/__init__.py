@@ -1,0 +1,1 @@
+"""Training: HoVer-Net losses and the glue that runs them in MONAI's Ignite workflows."""
