@@ -12,7 +12,6 @@ Prints one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bundles" / "cellvta")]
 from scripts.data.datasets import dataset_list
 from scripts.data.prepare import CONSEP_CLASSES, arrays
 from scripts.data.transforms import NucleiTargetsd, hv_maps, train_transforms
+
+from record import record
 
 CONSEP = ROOT.parent / "shared" / "data" / "consep" / "consep_train.npz"
 
@@ -110,7 +111,7 @@ def main() -> None:
         "hv_target_speedup_vs_monai": round(t_monai / t_ours, 2),
         "n_samples": len(data),
     }
-    print(json.dumps(result))
+    record("data", result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Usage: ``python bench/metrics.py [--rounds 5]``. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bundles" / "cellvta")]
 
 from scripts.nuclei.metrics import evaluate_image  # noqa: E402
+
+from record import record
 
 FIXTURE = ROOT.parent / "shared" / "data" / "fixtures" / "postprocess_consep.npz"
 NUM_CLASSES = 5
@@ -63,8 +64,8 @@ def main() -> None:
     ours_ms, monai_ms = (float(fastest[k].mean()) * 1e3 for k in runs)
     diff = float(np.max(np.abs(results["ours"] - results["monai"])))
     print(f"ours {ours_ms:.3f} ms per tile (all scores), MONAI {monai_ms:.3f} ms per tile (binary + class PQ)")
-    print(json.dumps({"pq_ms_per_tile": round(ours_ms, 3), "monai_pq_ms_per_tile": round(monai_ms, 3),
-                      "speedup_vs_monai": round(monai_ms / ours_ms, 1), "max_abs_diff_vs_monai": diff}))
+    record("metrics", {"pq_ms_per_tile": round(ours_ms, 3), "monai_pq_ms_per_tile": round(monai_ms, 3),
+                      "speedup_vs_monai": round(monai_ms / ours_ms, 1), "max_abs_diff_vs_monai": diff})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Usage: ``python bench/model.py [--repeats 5] [--counts-only]``. The last line is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bundles" / "cellvta")]
 
 from scripts.model.network import CellVTA, CellViT  # noqa: E402
 from scripts.model.precision import prepare_for_inference  # noqa: E402
+
+from record import record
 
 
 def median_time(fn, repeats: int) -> float:
@@ -67,7 +68,7 @@ def main() -> None:
     total = sum(p.numel() for p in cellvta.parameters())
     trainable = sum(p.numel() for p in cellvta.parameters() if p.requires_grad)
     if args.counts_only:
-        print(json.dumps({"params_total": total, "params_trainable": trainable}))
+        record("model_counts", {"params_total": total, "params_trainable": trainable})
         return
 
     cellvta.eval()
@@ -95,7 +96,7 @@ def main() -> None:
                for k in ("nuclei_binary_map", "hv_map", "nuclei_type_map"))
     for name, seconds in times.items():
         print(f"{name}: {seconds:.3f} s")
-    print(json.dumps({
+    record("model", {
         "params_total": total,
         "params_trainable": trainable,
         "model_gflop": round(gflop, 1),
@@ -104,7 +105,7 @@ def main() -> None:
         **{k: round(v, 3) for k, v in times.items()},
         "roofline_ratio": round(times["cellvta_l_b1_s"] * throughput / gflop, 3),
         "max_abs_diff_bf16_vs_fp32": round(diff, 5),
-    }))
+    })
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: compiled MSDA kernels against the grid_sample reference at CellVTA's shapes.
 
-Shapes for a 256x256 input (cellvta_reference.md §2.2), 8 heads x 64 channels, 4 points:
+Shapes for a 256x256 input (bundles/cellvta/docs/architecture.md, "Deformable-attention inputs"), 8 heads x 64 channels, 4 points:
 injector = 256 queries over levels 64², 32², 16² (5376 values); extractor = 5376 queries over
 one 16² level. Both implementations run in the same process on 2 threads, float32, their
 runs interleaved; each time is the median of ``--repeats`` runs after warm-up.
@@ -14,7 +14,6 @@ Usage: ``python bench/msda.py [--repeats 7]``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom_ops import implementation, ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+
+from record import record
 
 HEADS, HEAD_DIM, POINTS = 8, 64, 4
 CASES = {
@@ -133,7 +134,7 @@ def main() -> None:
     ]
     summary = {key: result[key] for key in keys}
     summary["max_abs_diff_fwd"] = float(f"{max_diff:.3g}")
-    print(json.dumps(summary))
+    record("msda", summary)
 
 
 if __name__ == "__main__":

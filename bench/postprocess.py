@@ -35,6 +35,8 @@ from monai.apps.pathology.transforms.post.array import (  # noqa: E402
 from scripts.nuclei.postprocess import hovernet_postprocess  # noqa: E402
 from scripts.nuclei.postprocess_transforms import MonaiHoVerNetPostProcessing  # noqa: E402
 
+from record import record
+
 
 def load_fixture(folder: Path) -> tuple[dict[str, np.ndarray], list[dict]]:
     npz, results = folder / "postprocess_consep.npz", folder / "reference_results.json"
@@ -160,7 +162,7 @@ def main() -> None:
     }
     print(f"256x256: ours {result['ours_ms_per_tile']} ms, MONAI {result['monai_ms_per_tile']} ms per tile")
     print(f"1024x1024: ours {result['ours_ms_1024']} ms, MONAI {result['monai_ms_1024']} ms")
-    print(json.dumps(result))
+    record("postprocess", result)
 
 
 if __name__ == "__main__":

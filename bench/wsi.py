@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from record import record
+
 REPO = Path(__file__).resolve().parents[1]
 CONSEP = REPO.parent / "shared" / "data" / "consep" / "consep_train.npz"
 PERIOD = 2048
@@ -164,12 +166,12 @@ def main() -> None:
     stem = slide.name.split(".")[0]
     cells, duplicates, unmatched = count_duplicates(out / f"{stem}.csv", inst, args.side)
     wall = summary["wall_seconds"]
-    print(json.dumps({
+    record("wsi", {
         "cells": cells, "duplicates": duplicates, "unmatched": unmatched, "peak_rss_gb": round(peak / 2**30, 3),
         "tiles_per_s": round(summary["tiles"] / wall, 1), "cells_per_s": round(cells / wall, 1),
         "tiles": summary["tiles"], "wall_s": round(wall, 1), "slide_px": args.side, "workers": args.workers,
         "geojson_gb": round((out / f"{stem}.geojson").stat().st_size / 2**30, 3),
-    }))
+    })
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ id) over the pixels of either map's nuclei, restricted to the pairs that occur; 
 overlaps follow from the instances' classes (or, for nuclei of several classes, from a second
 histogram). The cost is a few passes over those pixels whatever the number of nuclei.
 
-Definitions (cellvta_reference.md §8):
+Definitions (docs/protocol.md, "Metrics"):
 
 - per image, binary and per class: matches are pairs with IoU > 0.5 (unique); ``DQ = TP / (TP +
   FP/2 + FN/2)``, ``SQ = sum(IoU) / (TP + 1e-6)``, ``PQ = DQ * SQ`` (hover_net ``get_fast_pq``).
@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+
+from .primitives import centroids, compact_ids, relabel_sequential, vote_types
 
 __all__ = [
     "Overlap",
@@ -176,28 +178,18 @@ def _check_types(types: np.ndarray, shape: tuple[int, ...], num_classes: int, wh
     return types
 
 
-def _compact(inst: np.ndarray) -> np.ndarray:
-    """Relabel ``(H, W)`` ids to ``0..N`` in ascending order; returns ``(H, W)`` intp labels."""
-    if int(inst.max(initial=0)) <= 4 * inst.size + 1024:
-        present = np.bincount(inst.ravel()) > 0
-        present[0] = False
-        return np.take(np.cumsum(present), inst)
-    ids, inverse = np.unique(inst, return_inverse=True)
-    return inverse.reshape(inst.shape) + (ids[0] != 0)
-
-
 def remap_label(inst: np.ndarray) -> np.ndarray:
     """Relabel an instance map ``(H, W)`` to contiguous ids ``1..N`` in ascending original-id order.
 
     Returns:
         ``(H, W)`` int32 map (0 stays background).
     """
-    return _compact(_check_map(inst, "instance map")).astype(np.int32)
+    return relabel_sequential(_check_map(inst, "instance map"))
 
 
 def _small_ids(inst: np.ndarray) -> np.ndarray:
     """The map itself when its ids can index a histogram (max id below the pixel count), else compacted."""
-    return inst if int(inst.max(initial=0)) < max(inst.size, 1024) else _compact(inst)
+    return inst if int(inst.max(initial=0)) < max(inst.size, 1024) else compact_ids(inst)
 
 
 @dataclass(frozen=True)
@@ -336,26 +328,12 @@ def _class_counts(gts: _Instances, preds: _Instances, pairs: _ClassPairs, iou_th
 
 
 def _centroids_and_types(instances: _Instances) -> tuple[np.ndarray, np.ndarray]:
-    labels = instances.labels
-    n = instances.class_area.shape[0]
-    if instances.rank.size != n + 1:
-        labels = np.take(instances.rank + 1, labels)
-    height, width = labels.shape
-    key = np.multiply(labels, width, dtype=np.intp)
-    key += np.arange(width)
-    per_col = np.bincount(key.ravel(), minlength=(n + 1) * width).reshape(-1, width)[1:]
-    np.multiply(labels, height, out=key)
-    key += np.arange(height)[:, None]
-    per_row = np.bincount(key.ravel(), minlength=(n + 1) * height).reshape(-1, height)[1:]
-    sums = np.stack([per_col @ np.arange(width), per_row @ np.arange(height)], axis=1)
-    centroids = sums / np.maximum(instances.area, 1)[:, None]
-
-    hist = instances.class_area
-    winner = np.argmax(hist, axis=1) if hist.size else np.zeros(hist.shape[0], dtype=np.intp)
-    if hist.shape[1] > 1 and hist.size:
-        fallback = 1 + np.argmax(hist[:, 1:], axis=1)
-        winner = np.where((winner == 0) & (hist[:, 1:].sum(axis=1) > 0), fallback, winner)
-    return centroids, winner.astype(np.int64)
+    """Centroids ``(N, 2)`` float64 ``(x, y)`` (pixel means) and types ``(N,)`` int64 (:func:`.primitives.vote_types`)
+    of the instances, in ascending label order."""
+    flat = np.flatnonzero(instances.labels)
+    ids = np.flatnonzero(np.diff(instances.rank, prepend=-1))
+    xy = centroids(flat, instances.labels.ravel()[flat], instances.labels.shape[1], ids)
+    return xy, vote_types(instances.class_area)
 
 
 def instance_overlap(gt_inst: np.ndarray, pred_inst: np.ndarray) -> Overlap:
@@ -501,9 +479,8 @@ def instance_centroids_and_types(
         num_classes: number of classes in ``types``, background included.
 
     Returns:
-        centroids ``(N, 2)`` float64 ``(x, y)`` (pixel means), types ``(N,)`` int64: the majority class of
-        the instance's pixels; when that is background and a foreground class is present, the most
-        frequent foreground class (CellViT's rule).
+        centroids ``(N, 2)`` float64 ``(x, y)`` (pixel means), types ``(N,)`` int64 by the project's type vote
+        (:func:`.primitives.vote_types`: the majority class, a foreground class over background when any).
     """
     inst = _check_map(inst, "instance map")
     if types is not None:
