@@ -1,0 +1,183 @@
+"""The README's and the model card's result tables and the bundle's ``eval_metrics``, from ``bench/results/*.json``.
+
+Each document holds its tables between marker lines, ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+(NAME ``components`` or ``train_consep``); this script rewrites what lies between them, so a quoted figure is
+always the one a benchmark recorded.
+
+Usage: ``python bench/tables.py`` (rewrite) or ``python bench/tables.py --check`` (exit 1 when a document is
+out of date, naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DOCUMENTS = (REPO / "README.md", REPO / "bundles" / "cellvta" / "docs" / "README.md")
+METADATA = REPO / "bundles" / "cellvta" / "configs" / "metadata.json"
+Result = dict[str, Any]
+
+
+def _msda(r: Result) -> str:
+    return (f"injector fwd ×{r['injector_b1_fwd_speedup']} (b1), fwd+bwd ×{r['injector_b1_fwdbwd_speedup']} (b1), "
+            f"×{r['injector_b8_fwdbwd_speedup']} (b8); extractor fwd ×{r['extractor_b1_fwd_speedup']} (b1), "
+            f"fwd+bwd ×{r['extractor_b1_fwdbwd_speedup']} (b1), ×{r['extractor_b8_fwdbwd_speedup']} (b8); "
+            f"max abs diff {r['max_abs_diff_fwd']:.2g}")
+
+
+def _model(r: Result) -> str:
+    return (f"{r['precision']} {r['cellvta_l_b1_s']} s, fp32 {r['cellvta_l_b1_fp32_s']} s, CellViT-L "
+            f"{r['cellvit_l_b1_s']} s; {r['params_total']:,} parameters ({r['params_trainable']:,} trainable); "
+            f"{r['model_gflop']} GFLOP counted, roofline ratio {r['roofline_ratio']}; "
+            f"max abs diff bf16 vs fp32 {r['max_abs_diff_bf16_vs_fp32']:.2g}")
+
+
+def _data(r: Result) -> str:
+    parts = [f"{k.replace('_', ' ')} {v}" for k, v in r.items() if isinstance(v, (int, float)) and k != "n_samples"]
+    return "; ".join(parts) + (f" ({r['n_samples']} samples)" if "n_samples" in r else "")
+
+
+def _postprocess(r: Result) -> str:
+    return (f"ours {r['ours_ms_per_tile']} ms per 256² tile vs MONAI {r['monai_ms_per_tile']} ms "
+            f"(×{round(r['monai_ms_per_tile'] / r['ours_ms_per_tile'], 1)}); 1024² ours {r['ours_ms_1024']} ms vs "
+            f"MONAI {r['monai_ms_1024']} ms (×{round(r['monai_ms_1024'] / r['ours_ms_1024'], 1)})")
+
+
+def _metrics(r: Result) -> str:
+    return (f"{r['pq_ms_per_tile']} ms per tile for the PQ family vs MONAI {r['monai_pq_ms_per_tile']} ms "
+            f"(×{r['speedup_vs_monai']}); max diff {r['max_abs_diff_vs_monai']:.2g}")
+
+
+def _wsi(r: Result) -> str:
+    return (f"{r['cells']:,} nuclei, {r['duplicates']} duplicates, peak RSS {r['peak_rss_gb']} GB, "
+            f"{r['tiles']:,} tiles at {r['tiles_per_s']} tiles/s, {r['cells_per_s']} nuclei/s, "
+            f"GeoJSON {r['geojson_gb']} GB")
+
+
+def _generic(r: Result) -> str:
+    leaves = [f"{k} {v}" for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    return "; ".join(leaves[:12])
+
+
+RENDERERS: dict[str, tuple[str, Callable[[Result], str]]] = {
+    "msda": ("compiled op / `grid_sample` reference, float32", _msda),
+    "model": ("CellVTA-L (UNI preset), one 256² tile", _model),
+    "data": ("training data chain, CoNSeP patches, samples/s", _data),
+    "postprocess": ("HoVer-Net post-processing, 40 fixture tiles", _postprocess),
+    "metrics": ("PQ family, 40 fixture pairs", _metrics),
+    "wsi": ("whole slide, ground-truth oracle network", _wsi),
+}
+
+
+def load_results(results_dir: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """``{name: recorded entry}`` for every ``<name>.json`` in ``results_dir``."""
+    entries = {}
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            entries[path.stem] = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        if "result" not in entries[path.stem]:
+            raise ValueError(f"{path}: no 'result' key (write it with bench/record.py)")
+    return entries
+
+
+def _machine(entry: dict[str, Any]) -> str:
+    machine = entry.get("machine", "")
+    if isinstance(machine, dict):
+        gpu = machine.get("gpu")
+        return gpu or f"{machine.get('cpus', '?')} CPUs, load {machine.get('load_average_1min', '?')}"
+    return str(machine).split(";")[0]
+
+
+def components_table(entries: dict[str, dict[str, Any]]) -> str:
+    """The table of every recorded benchmark except the training comparison, one row each."""
+    rows = ["| benchmark | what | result | machine, date |", "|---|---|---|---|"]
+    for name, entry in entries.items():
+        if name == "train_consep":
+            continue
+        what, render = RENDERERS.get(name, ("", _generic))
+        rows.append(f"| `bench/{name}.py` | {what} | {render(entry['result'])} | "
+                    f"{_machine(entry)}, {entry.get('date', '')} |")
+    return "\n".join(rows)
+
+
+def train_consep_table(entries: dict[str, dict[str, Any]]) -> str:
+    """CellVTA against MONAI HoVerNet on CoNSeP for the same CPU budget."""
+    entry = entries.get("train_consep")
+    if entry is None:
+        return "(no recorded run of `bench/train_consep.py`)"
+    r = entry["result"]
+    rows = [f"`{entry.get('command', 'bench/train_consep.py')}`: {r['budget_min']} {r['budget']} per model, "
+            f"{r['crop']}² crops, batch {r['batch_size']}, {r['identical_batches']} identical batches.", "",
+            "| model | parameters | steps | bPQ | mPQ | Dice | AJI |", "|---|---|---|---|---|---|---|"]
+    for key, label in (("cellvta", "CellVTA (ViT-S/16 size, adapter)"), ("hovernet", "MONAI HoVerNet (fast)")):
+        m = r[key]
+        rows.append(f"| {label} | {m['params_m']} M | {m['steps']} | {m['bpq']} | {m['mpq']} | {m['dice']} | {m['aji']} |")
+    return "\n".join(rows)
+
+
+def eval_metrics(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``metadata.json``'s ``eval_metrics``: the bundle's own CellVTA scores on CoNSeP, saying what was measured."""
+    entry = entries.get("train_consep")
+    if entry is None:
+        return {}
+    r = entry["result"]
+    m = r["cellvta"]
+    return {
+        "measured_on": (f"CoNSeP Train patches, validation tiles split by source tile ({m['val_tiles']} tiles of 256², "
+                        f"40x); CellVTA with a randomly initialised ViT-S/16 trained for {r['budget_min']} "
+                        f"{r['budget']} on CPU (bench/train_consep.py), not the paper's frozen-UNI setting"),
+        "bpq": m["bpq"], "mpq": m["mpq"], "dice": m["dice"], "aji": m["aji"],
+    }
+
+
+def render_metadata(text: str, entries: dict[str, dict[str, Any]]) -> str:
+    """``metadata.json``'s text with ``eval_metrics`` generated."""
+    meta = json.loads(text)
+    meta["eval_metrics"] = eval_metrics(entries)
+    return json.dumps(meta, indent=4, ensure_ascii=False) + "\n"
+
+
+TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {
+    "components": components_table,
+    "train_consep": train_consep_table,
+}
+
+
+def render(text: str, entries: dict[str, dict[str, Any]]) -> str:
+    """``text`` with every marked table replaced by its generated content."""
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- results:{name} -->)\n(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
+        text = pattern.sub(lambda m: f"{m.group(1)}\n{make(entries)}\n{m.group(2)}", text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only report documents that are out of date")
+    args = parser.parse_args()
+    entries = load_results()
+    stale = []
+    for doc in (*DOCUMENTS, METADATA):
+        text = doc.read_text()
+        new = render_metadata(text, entries) if doc == METADATA else render(text, entries)
+        if new != text:
+            stale.append(doc)
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print("out of date (run python bench/tables.py): " + ", ".join(str(d.relative_to(REPO)) for d in stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
