@@ -1,0 +1,1 @@
+"""Cell classifiers on frozen per-cell embeddings: embeddings, labels, classifier, workflows."""
