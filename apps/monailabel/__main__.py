@@ -1,12 +1,14 @@
 """Start the MONAI Label server with the CellVTA app, bound to 127.0.0.1 unless told otherwise.
 
-    python apps/monailabel --studies <images folder> [--model_dir DIR] [--port 8000] [--host 127.0.0.1]
-                           [--conf KEY VALUE ...]
+    python apps/monailabel --studies <images folder or DSA URL> [--model_dir DIR] [--port 8000]
+                           [--host 127.0.0.1] [--token_file FILE] [--conf KEY VALUE ...]
 
-The same as ``monailabel start_server --app apps/monailabel --studies ... --conf ...`` except that it binds to
-the loopback interface by default and writes nothing into the app folder (MONAI Label's own command creates
-``model/``, ``logs/`` and ``bin/`` there). MONAI Label's settings (e.g. ``MONAI_LABEL_AUTH_ENABLE``) are read
-from the environment and from a ``.env`` file in the working directory.
+Like ``monailabel start_server --app apps/monailabel --studies ... --conf ...``, with safe defaults: it binds to
+the loopback interface, allows browser requests only from its own origin (``MONAI_LABEL_CORS_ORIGINS``
+overrides), refuses query ids that are not plain names, asks a token for the downloads of the weights, the
+datastore and the log (unless MONAI Label's authentication is on), refuses a non-loopback address without
+authentication, and writes nothing into the app folder. MONAI Label's settings (e.g.
+``MONAI_LABEL_AUTH_ENABLE``) are read from the environment and from a ``.env`` file in the working directory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_dir", help="served model folder (model.pt, dataset.json); default: bundle's models/")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--token_file", help="download token for /model, /datastore/dataset and /logs; created "
+                                              "when missing (default: <studies>/.cellvta_token)")
+    parser.add_argument("--allow_unauthenticated", action="store_true",
+                        help="serve a non-loopback address without MONAI Label's authentication")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="app setting (bundle, work_dir, overrides, model_name, margin, max_side, "
                              "uncertainty_samples)")
@@ -37,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    studies = Path(args.studies).resolve()
-    if not studies.is_dir():
+    remote = args.studies.startswith(("http://", "https://"))
+    studies = args.studies.rstrip("/") if remote else Path(args.studies).resolve()
+    if not remote and not studies.is_dir():
         raise SystemExit(f"--studies {studies}: not a folder")
     conf = dict(args.conf)
     if args.model_dir:
@@ -54,9 +61,26 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(APP_DIR))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH")) if p)
 
-    import uvicorn
+    from cellvta_label.server import is_loopback, load_token, own_origins, secure
+    from monailabel.config import settings
 
-    uvicorn.run("monailabel.app:app", host=args.host, port=args.port, log_level=args.log_level,
+    if not settings.MONAI_LABEL_AUTH_ENABLE and not is_loopback(args.host) and not args.allow_unauthenticated:
+        raise SystemExit(f"--host {args.host}: other machines could reach the server without authentication; "
+                         "enable MONAI Label's (MONAI_LABEL_AUTH_ENABLE=true, see apps/monailabel/README.md), use "
+                         "an SSH tunnel to 127.0.0.1, or pass --allow_unauthenticated")
+    if not settings.MONAI_LABEL_CORS_ORIGINS:
+        settings.MONAI_LABEL_CORS_ORIGINS = own_origins(args.host, args.port, bool(args.ssl_certfile))
+    token = None
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        default_token = Path.home() / ".cellvta_label_token" if remote else studies / ".cellvta_token"
+        token_file = Path(args.token_file or default_token)
+        token = load_token(token_file)
+        print(f"Downloads of the model, dataset and logs need 'Authorization: Bearer <token>'; token: {token_file}")
+
+    import uvicorn
+    from monailabel.app import app
+
+    uvicorn.run(secure(app, token), host=args.host, port=args.port, log_level=args.log_level,
                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
 
 

@@ -31,6 +31,8 @@ from monai.inferers import Inferer
 from torch import nn
 
 INFERENCE_CONFIG = Path("configs") / "inference.yaml"
+# the inference workflow is the shared config followed by its own
+WORKFLOW_CONFIGS = (Path("configs") / "common.yaml", INFERENCE_CONFIG)
 MODEL_FILE = "model.pt"
 CLASS_TABLE = "dataset.json"
 OVERRIDES_FILE = "overrides.json"
@@ -181,7 +183,7 @@ def load_pipeline(bundle_dir: Path, model_dir: Path) -> CellVTAPipeline:
             raise FileNotFoundError(
                 f"{model_dir / name}: not found (a model folder holds {MODEL_FILE} and {CLASS_TABLE})")
     parser = ConfigParser()
-    parser.read_config(str(bundle_dir / INFERENCE_CONFIG))
+    parser.read_config([str(bundle_dir / f) for f in WORKFLOW_CONFIGS])
     overrides = read_overrides(model_dir)
     parser.update(overrides)
     parser.update({"bundle_root": str(bundle_dir), "model_dir": str(model_dir),

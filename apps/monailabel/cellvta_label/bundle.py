@@ -3,9 +3,10 @@ post-processing), the class table and the weights of the model folder, reloaded 
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,41 @@ from .config import INFERENCE_CONFIG, AppConfig
 
 MODEL_FILE = "model.pt"
 CLASS_TABLE = "dataset.json"
+NETWORK_RECORD = "overrides.json"
+
+
+def read_network_record(model_dir: Path) -> dict[str, Any]:
+    """The config keys describing the network of ``<model_dir>/model.pt`` (``overrides.json`` beside it, the
+    ``--args_file`` of the bundle's workflows), or {} when the folder has none.
+
+    Raises:
+        ValueError: the file is not a JSON object, naming it.
+    """
+    path = Path(model_dir) / NETWORK_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object of config keys, got {type(record).__name__}")
+    return record
+
+
+def network_settings(model_dir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The model folder's network record with the app's ``overrides`` added.
+
+    Raises:
+        ValueError: an override contradicts the record (the checkpoint was trained otherwise).
+    """
+    record = read_network_record(model_dir)
+    clashes = {k: (record[k], v) for k, v in overrides.items() if k in record and record[k] != v}
+    if clashes:
+        details = "; ".join(f"{k}: {a!r} in the record, {b!r} in --conf overrides" for k, (a, b) in clashes.items())
+        raise ValueError(f"{Path(model_dir) / NETWORK_RECORD} describes the checkpoint otherwise than --conf "
+                         f"overrides ({details}); drop those overrides")
+    return {**record, **overrides}
 
 
 def use_bundle_scripts(bundle: Path) -> None:
@@ -39,9 +75,10 @@ def absolute_macros(config: Any, configs_dir: Path) -> Any:
     return config
 
 
-def bundle_parser(bundle: Path, config_file: Path, overrides: Mapping[str, Any]) -> ConfigParser:
-    """A parser of one of the bundle's configs with ``bundle_root`` set to the bundle and ``overrides`` applied."""
-    config = ConfigParser.load_config_file(str(bundle / config_file))
+def bundle_parser(bundle: Path, config_files: Sequence[Path], overrides: Mapping[str, Any]) -> ConfigParser:
+    """A parser of the bundle's ``config_files`` (merged in order) with ``bundle_root`` set to the bundle and
+    ``overrides`` applied."""
+    config = ConfigParser.load_config_files([str(bundle / f) for f in config_files])
     parser = ConfigParser(absolute_macros(config, bundle / "configs"))
     parser.update({"bundle_root": str(bundle), **overrides})
     return parser
@@ -97,11 +134,29 @@ class BundleModel:
             if version != self._version or self._parser is None:
                 self._parser = bundle_parser(
                     self.config.bundle, INFERENCE_CONFIG,
-                    {"model_dir": str(self.config.model_dir), **self.config.overrides},
+                    {"model_dir": str(self.config.model_dir), **self.settings()},
                 )
                 self._networks.clear()
                 self._version = version
             return self._parser
+
+    def settings(self) -> dict[str, Any]:
+        """Config keys of the served network: the model folder's record and the app's overrides."""
+        return network_settings(self.config.model_dir, self.config.overrides)
+
+    def check(self) -> None:
+        """Build the network and load the served weights once.
+
+        Raises:
+            ValueError: the checkpoint does not fit the configured network, naming the keys or shapes.
+        """
+        try:
+            self.build_network()
+        except (KeyError, ValueError, RuntimeError) as err:
+            cause = err.__cause__ if isinstance(err, RuntimeError) and err.__cause__ is not None else err
+            reason = cause.args[0] if cause.args else cause
+            raise ValueError(f"{self.model_file} does not fit the network of {INFERENCE_CONFIG[-1]} with settings "
+                             f"{self.settings()}: {reason}") from err
 
     def _content(self, key: str, lazy: bool = True) -> Any:
         with self._lock:
@@ -131,11 +186,11 @@ class BundleModel:
 
     def build_network(self) -> nn.Module:
         """A new network of the bundle's ``network_def`` with the served weights, on CPU, in eval mode."""
-        from scripts.model.network import load_network_checkpoint
+        from scripts.model.weights import load_weights
 
         with self._lock:
             network = self._content("network_def", lazy=False)
-            load_network_checkpoint(network, str(self.model_file))
+            load_weights(network, checkpoint=self.model_file)
         return network.eval()
 
     def network(self, device: str | torch.device) -> nn.Module:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 POLYGON_SUFFIXES = (".xml", ".geojson", ".json")
 MAP_SUFFIXES = (".npz",)
+LABEL_SUFFIXES = POLYGON_SUFFIXES + MAP_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -86,20 +88,23 @@ def _read_geojson(path: Path) -> list[NucleusPolygon]:
         raise ValueError(f"{path}: expected a GeoJSON FeatureCollection or a list of features")
     polygons = []
     for i, feature in enumerate(features):
-        geometry = feature.get("geometry") or {}
-        kind = geometry.get("type")
-        if kind == "Polygon":
-            rings = [geometry["coordinates"][0]]
-        elif kind == "MultiPolygon":
-            rings = [part[0] for part in geometry["coordinates"]]
-        else:
+        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        kind = geometry.get("type") if isinstance(geometry, dict) else None
+        if kind not in ("Polygon", "MultiPolygon"):
             continue
         name = _feature_name(feature)
         if not name:
             raise ValueError(f"{path}: feature {i} has no class (properties.classification.name)")
+        try:
+            parts = [geometry["coordinates"]] if kind == "Polygon" else list(geometry["coordinates"])
+            rings = [np.asarray(part[0], np.float64) for part in parts]
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: feature {i} has malformed {kind} coordinates ({err})") from err
         for ring in rings:
+            if ring.ndim != 2 or ring.shape[1] < 2:
+                raise ValueError(f"{path}: feature {i} has a ring that is not a list of [x, y] points")
             if len(ring) >= 3:
-                polygons.append(NucleusPolygon(name, np.asarray(ring, np.float64)[:, :2]))
+                polygons.append(NucleusPolygon(name, ring[:, :2]))
     return polygons
 
 
@@ -170,9 +175,12 @@ def bounds(polygons: Sequence[NucleusPolygon], pad: int, extent: tuple[int, int]
 def read_maps(path: str | Path, shape: tuple[int, int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """``inst_map`` and ``type_map`` of an ``.npz`` label, checked against the image ``shape`` and class count."""
     path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a label npz (a zip of inst_map and type_map arrays, as numpy.savez writes)")
     try:
-        arrays = dict(np.load(path))
-    except (OSError, ValueError) as err:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = dict(npz)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a readable label npz ({err})") from err
     missing = {"inst_map", "type_map"} - set(arrays)
     if missing:
@@ -183,3 +191,29 @@ def read_maps(path: str | Path, shape: tuple[int, int], num_classes: int) -> tup
     if types.size and int(types.max()) >= num_classes:
         raise ValueError(f"{path}: class id {int(types.max())} outside the class table of {num_classes} classes")
     return inst.astype(np.int32), types.astype(np.uint8)
+
+
+def validate_label(path: str | Path, extent: tuple[int, int], num_classes: int) -> None:
+    """Check a label file before it is stored for an image of ``extent`` = (width, height) level-0 pixels.
+
+    Polygon labels must parse, name a class for every nucleus, hold at least one nucleus and lie on the image
+    (every polygon's bounding box overlaps it); ``.npz`` maps must have the image's size and ids of the
+    ``num_classes`` served classes.
+
+    Raises:
+        ValueError: the problem, naming the file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in MAP_SUFFIXES:
+        read_maps(path, (extent[1], extent[0]), num_classes)
+        return
+    polygons = read_polygons(path)
+    if not polygons:
+        raise ValueError(f"{path}: no labelled nuclei (polygons with at least 3 points)")
+    width, height = extent
+    for i, polygon in enumerate(polygons):
+        (x0, y0), (x1, y1) = polygon.points.min(0), polygon.points.max(0)
+        if not np.isfinite(polygon.points).all() or x1 < 0 or y1 < 0 or x0 >= width or y0 >= height:
+            raise ValueError(f"{path}: nucleus {i} ({polygon.name}) at x {x0:g}..{x1:g}, y {y0:g}..{y1:g} lies "
+                             f"outside the image of {width} x {height} pixels")

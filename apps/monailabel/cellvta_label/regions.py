@@ -7,9 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from monai.utils import optional_import
-
-openslide, has_openslide = optional_import("openslide")
 
 SLIDE_SUFFIXES = (".bif", ".mrxs", ".ndpi", ".scn", ".svs", ".svslide", ".tif", ".tiff", ".vms", ".vmu")
 
@@ -67,14 +64,19 @@ def is_slide(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SLIDE_SUFFIXES
 
 
-def _open_slide(path: Path):
-    """An OpenSlide handle, or None when OpenSlide cannot read the file (e.g. a plain, untiled TIFF)."""
-    if not has_openslide:
-        raise ImportError(f"{path}: reading slides needs the 'openslide-python' and 'openslide-bin' packages")
-    try:
-        return openslide.OpenSlide(str(path))
-    except openslide.OpenSlideError:
+def open_image_slide(path: str | Path):
+    """The file as a ``scripts.slides.readers.Slide``, or None for a tile (PNG, JPEG, or a TIFF that is not an
+    8-bit RGB pyramid)."""
+    from scripts.slides.readers import SlideError, open_slide
+
+    if not is_slide(path):
         return None
+    try:
+        return open_slide(path)
+    except SlideError:
+        if Path(path).suffix.lower() in (".tif", ".tiff"):
+            return None
+        raise
 
 
 def image_extent(path: str | Path) -> tuple[int, int]:
@@ -82,10 +84,10 @@ def image_extent(path: str | Path) -> tuple[int, int]:
     from scripts.data.datasets import read_image
 
     path = Path(path)
-    slide = _open_slide(path) if is_slide(path) else None
+    slide = open_image_slide(path)
     if slide is not None:
         with slide:
-            return slide.dimensions
+            return tuple(slide.dimensions)
     image = read_image(path)
     return image.shape[1], image.shape[0]
 
@@ -116,7 +118,7 @@ def read_region(
         pixels, source = as_rgb_uint8(image, "request image"), "request image"
     else:
         source = str(image)
-        slide = _open_slide(Path(image)) if is_slide(image) else None
+        slide = open_image_slide(image)
         if slide is not None:
             with slide:
                 return _read_slide(slide, source, location, size, level, margin)
@@ -129,11 +131,63 @@ def read_region(
 
 def _read_slide(slide, source: str, location: tuple[int, int] | None, size: tuple[int, int] | None, level: int,
                 margin: int) -> tuple[np.ndarray, Region]:
-    if not 0 <= level < slide.level_count:
-        raise ValueError(f"{source}: level {level} requested, the slide has levels 0..{slide.level_count - 1}")
+    """The request's window of a ``scripts.slides.readers.Slide`` at ``level``."""
+    levels = len(slide.level_dimensions)
+    if not 0 <= level < levels:
+        raise ValueError(f"{source}: level {level} requested, the slide has levels 0..{levels - 1}")
     downsample = float(slide.level_downsamples[level])
     level_location = None if location is None else (int(location[0] / downsample), int(location[1] / downsample))
-    (x0, y0, x1, y1), core = _window(slide.level_dimensions[level], level_location, size, margin)
-    origin = (round(x0 * downsample), round(y0 * downsample))
-    rgba = np.asarray(slide.read_region(origin, level, (x1 - x0, y1 - y0)))
-    return np.ascontiguousarray(rgba[..., :3]), Region((float(origin[0]), float(origin[1])), downsample, core)
+    (x0, y0, x1, y1), core = _window(tuple(slide.level_dimensions[level]), level_location, size, margin)
+    pixels = slide.read_region(x0, y0, x1 - x0, y1 - y0, level)
+    return np.ascontiguousarray(pixels), Region((x0 * downsample, y0 * downsample), downsample, core)
+
+
+def check_slide_request(path: str | Path, level: int, location: Sequence[int], size: Sequence[int],
+                        network_mpp: float, tolerance: float) -> str | None:
+    """Refuse a slide-region request that cannot be analysed as asked.
+
+    Args:
+        path: the slide. level: pyramid level of ``size``. location: ``(x, y)`` level-0 top-left corner.
+        size: ``(width, height)`` in pixels of ``level``.
+        network_mpp: microns per pixel the network was trained at. tolerance: accepted relative difference.
+
+    Returns:
+        A warning when the slide does not record its resolution (the level is then taken as asked), else None.
+
+    Raises:
+        ValueError: a level the slide does not have, a negative location, an empty size, a region not inside
+            the slide, or a level whose resolution is not the network's (naming the level that is).
+    """
+    x, y = (int(v) for v in _pair(location, "location"))
+    width, height = (int(v) for v in _pair(size, "size"))
+    slide = open_image_slide(path)
+    name = Path(path).stem
+    if slide is None:
+        if level != 0:
+            raise ValueError(f"{name}: level {level} requested, but a tile has only level 0")
+        return None
+    with slide:
+        levels = len(slide.level_dimensions)
+        if not 0 <= level < levels:
+            raise ValueError(f"{name}: level {level} requested, the slide has levels 0..{levels - 1}")
+        if x < 0 or y < 0:
+            raise ValueError(f"{name}: location ({x}, {y}) is negative; give the region's top-left corner in "
+                             "level-0 pixels")
+        if width <= 0 or height <= 0:
+            raise ValueError(f"{name}: size ({width}, {height}) must be positive")
+        downsample = float(slide.level_downsamples[level])
+        full_w, full_h = slide.dimensions
+        if x + width * downsample > full_w or y + height * downsample > full_h:
+            raise ValueError(f"{name}: region at ({x}, {y}) of {width} x {height} pixels at level {level} reaches "
+                             f"beyond the slide ({full_w} x {full_h} level-0 pixels)")
+        if slide.mpp is None:
+            return (f"{name}: the slide does not record its resolution; level {level} is analysed as if it had "
+                    f"the network's {network_mpp:g} um/px")
+        mpps = [slide.mpp * d for d in slide.level_downsamples]
+    if abs(mpps[level] / network_mpp - 1) > tolerance:
+        fits = [i for i, m in enumerate(mpps) if abs(m / network_mpp - 1) <= tolerance]
+        hint = (f"level {fits[0]} has it" if fits else
+                "no level has it (rescan or resample the slide at the network's resolution)")
+        raise ValueError(f"{name}: level {level} is {mpps[level]:.3g} um/px but the network was trained at "
+                         f"{network_mpp:g} um/px (within {tolerance:.0%}); {hint}")
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,6 @@ import numpy as np
 import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
-from monailabel.tasks.activelearning.random import Random
 
 from .bundle import BundleModel
 from .regions import image_extent, read_region
@@ -38,20 +38,32 @@ def _image_extent(request: dict, datastore: Datastore) -> tuple[int, int]:
     return image_extent(datastore.get_image_uri(request["image"]))
 
 
+def served_weights(last_served: Sequence[float], now: float) -> list[float]:
+    """Selection weights of images last served at ``last_served`` (seconds; 0 = never): one plus the seconds
+    since, so images served long ago are likelier and the weights never sum to zero."""
+    return [1.0 + max(now - float(ts), 0.0) for ts in last_served]
+
+
 class RandomSample(Strategy):
-    """A random unlabelled image (MONAI Label's ``Random``: images served long ago are likelier), or, when the
-    request names an ``image`` and a ``patch_size`` (QuPath's "Next Patch"), a random patch of that image
-    returned as ``bbox`` = ``[x, y, w, h]``."""
+    """A random unlabelled image (images served long ago are likelier, as in MONAI Label's ``Random``, and every
+    image keeps a chance when all were just served), or, when the request names an ``image`` and a
+    ``patch_size`` (QuPath's "Next Patch"), a random patch of that image returned as ``bbox`` = ``[x, y, w, h]``."""
 
     def __init__(self) -> None:
         super().__init__("Random: an unlabelled image, or a random patch of the given image")
-        self._images = Random()
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
         if request.get("image") and request.get("patch_size"):
             boxes = patch_boxes(_image_extent(request, datastore), request["patch_size"])
             return {"id": request["image"], "bbox": random.choice(boxes)}
-        return self._images(request, datastore)
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        strategy = request.get("strategy", "random")
+        served = [datastore.get_image_info(i).get("strategy", {}).get(strategy, {}).get("ts", 0) for i in images]
+        weights = served_weights(served, time.time())
+        index = random.choices(range(len(images)), weights=weights)[0]
+        return {"id": images[index], "weight": weights[index]}
 
 
 class EpistemicSample(Strategy):

@@ -4,9 +4,6 @@ training workflow, then publish the best checkpoint to the model folder."""
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
 import time
@@ -17,14 +14,14 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from .bundle import CLASS_TABLE, MODEL_FILE, BundleModel, bundle_parser
+from .bundle import CLASS_TABLE, MODEL_FILE, NETWORK_RECORD, BundleModel, bundle_parser
 from .checkpoints import carry_over
 from .config import TRAIN_CONFIG, AppConfig
 from .dataset import LabelledImage, label_names, write_dataset
 from .labels import class_table
 
 STATS_FILE = "train_stats.json"
-BEST_METRIC = re.compile(r"Got new best metric of val_bpq: ([0-9.eE+-]+)")
+BEST_METRIC_FILE = "best_metric.json"  # written by scripts.training.best_metric.BestMetricWriter
 DEFAULTS: dict[str, Any] = {
     "epochs": 10,
     "batch_size": 4,
@@ -37,9 +34,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    from scripts.files import write_bytes_atomic
+
+    write_bytes_atomic(target, source.read_bytes())
 
 
 def _classes_param(value: Any) -> list[str] | None:
@@ -78,7 +75,8 @@ class CellVTATrain(TrainTask):
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         params = {**DEFAULTS, **{k: v for k, v in request.items() if k in DEFAULTS}}
         started = time.time()
-        items = [LabelledImage(Path(d["image"]), Path(d["label"])) for d in datastore.datalist()]
+        rows = datastore.local_datalist() if hasattr(datastore, "local_datalist") else datastore.datalist()
+        items = [LabelledImage(Path(d["image"]), Path(d["label"])) for d in rows]
         if not items:
             raise ValueError("the datastore has no labelled images: save labels with PUT /datastore/label first")
         run_dir = self.app_config.work_dir / time.strftime("run_%Y%m%d_%H%M%S")
@@ -88,15 +86,15 @@ class CellVTATrain(TrainTask):
         current = self.model.classes() if served else None
         classes = class_table(current, label_names(items), _classes_param(params["classes"]), "datastore labels")
         info = self._served_info() if served else None
-        patch_size = int(bundle_parser(self.app_config.bundle, TRAIN_CONFIG, self.app_config.overrides)
-                         .get_parsed_content("patch_size"))
+        network = self.model.settings()
+        patch_size = int(bundle_parser(self.app_config.bundle, TRAIN_CONFIG, network).get_parsed_content("patch_size"))
         splits = write_dataset(
             items, run_dir / "data", classes, info.tissues if info else ["tissue"],
             info.magnification if info else 40, patch_size, float(params["val_split"]), int(params["seed"]),
         )
-        initial = self._initial_weights(run_dir, classes, current) if served else None
-        best = self._run_bundle(run_dir, initial, params)
-        self._publish(run_dir / "models")
+        initial = self._initial_weights(run_dir, classes, current, network) if served else None
+        best = self._run_bundle(run_dir, initial, params, network)
+        self._publish(run_dir / "models", network)
         stats = {
             "run": run_dir.name,
             "images": len(items),
@@ -104,11 +102,13 @@ class CellVTATrain(TrainTask):
             "val": splits["val"],
             "classes": classes,
             "epochs": int(params["epochs"]),
-            "best_val_bpq": best,
+            "best_metric": best,
             "initial_weights": str(initial) if initial else None,
             "seconds": round(time.time() - started, 1),
         }
-        (self.app_config.model_dir / STATS_FILE).write_text(json.dumps(stats, indent=1))
+        from scripts.files import write_text_atomic
+
+        write_text_atomic(self.app_config.model_dir / STATS_FILE, json.dumps(stats, indent=1))
         return stats
 
     def _served_info(self):
@@ -116,14 +116,15 @@ class CellVTATrain(TrainTask):
 
         return read_info(self.app_config.model_dir)
 
-    def _initial_weights(self, run_dir: Path, classes: list[str], current: list[str]) -> Path:
+    def _initial_weights(self, run_dir: Path, classes: list[str], current: list[str], network: dict[str, Any]
+                         ) -> Path:
         """The served weights, or (new class table) a copy of them fitted to the new type head."""
         if [c.lower() for c in classes] == [c.lower() for c in current]:
             return self.model.model_file
-        from scripts.model.backbones import read_state_dict
+        from scripts.model.weights import read_state_dict
 
         parser = bundle_parser(self.app_config.bundle, TRAIN_CONFIG, {
-            "dataset_dir": str(run_dir / "data"), "dataset_name": "folder", **self.app_config.overrides,
+            "dataset_dir": str(run_dir / "data"), "dataset_name": "folder", **network,
         })
         fresh = parser.get_parsed_content("network_def", instantiate=True).state_dict()
         state, partial = carry_over(read_state_dict(self.model.model_file), current, fresh, classes)
@@ -132,10 +133,16 @@ class CellVTATrain(TrainTask):
         torch.save(state, path)
         return path
 
-    def _run_bundle(self, run_dir: Path, initial: Path | None, params: dict[str, Any]) -> float | None:
-        """``python -m monai.bundle run training`` in the bundle folder; returns the best validation bPQ."""
+    def _run_bundle(self, run_dir: Path, initial: Path | None, params: dict[str, Any], network: dict[str, Any]
+                    ) -> dict[str, Any] | None:
+        """``python -m monai.bundle run training`` in the bundle folder.
+
+        Returns:
+            The best validation metric the run's ``BestMetricWriter`` recorded (``{"metric", "value", "epoch"}``),
+            or None when no validation ran.
+        """
         overrides: dict[str, Any] = {
-            **self.app_config.overrides,
+            **network,
             "bundle_root": str(run_dir),
             "dataset_dir": str(run_dir / "data"),
             "dataset_name": "folder",
@@ -149,28 +156,31 @@ class CellVTATrain(TrainTask):
         }
         if initial is not None:
             overrides["checkpoint"] = str(initial)
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIG)]
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+               repr([str(f) for f in TRAIN_CONFIG])]
         for key, value in overrides.items():
             cmd += [f"--{key}", repr(value)]
         log = run_dir / "train.log"
-        best = None
         with log.open("w") as out, subprocess.Popen(cmd, cwd=self.app_config.bundle, stdout=subprocess.PIPE,
                                                      stderr=subprocess.STDOUT, text=True) as proc:
             for line in proc.stdout:
                 out.write(line)
                 print(line, end="", flush=True)
-                if match := BEST_METRIC.search(line):
-                    best = float(match.group(1))
         if proc.returncode != 0:
             raise RuntimeError(f"the bundle's training failed (exit code {proc.returncode}); see {log}")
-        return best
+        best = run_dir / "models" / BEST_METRIC_FILE
+        return json.loads(best.read_text()) if best.is_file() else None
 
-    def _publish(self, models: Path) -> None:
-        """Replace the served weights and class table by the run's best checkpoint and table."""
+    def _publish(self, models: Path, network: dict[str, Any]) -> None:
+        """Replace the served weights, class table and network record by the run's best checkpoint, its table
+        and the settings it was trained with."""
+        from scripts.files import write_text_atomic
+
         weights, table = models / MODEL_FILE, models / CLASS_TABLE
         for path in (weights, table):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: the training run wrote no {path.name}")
         self.app_config.model_dir.mkdir(parents=True, exist_ok=True)
         _copy_atomically(table, self.app_config.model_dir / CLASS_TABLE)
+        write_text_atomic(self.app_config.model_dir / NETWORK_RECORD, json.dumps(network, indent=1))
         _copy_atomically(weights, self.app_config.model_dir / MODEL_FILE)
