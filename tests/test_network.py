@@ -12,6 +12,7 @@ from custom_ops import IMPL_ENV
 from scripts.model.backbones import PRESETS, create_vit
 from scripts.model.convert import convert_official_key
 from scripts.model.network import CellVTA, CellViT
+from scripts.model.weights import load_weights
 
 OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "official_cellvta_keys.json"
 SMALL = {"backbone": "vit-s", "vit_kwargs": {"depth": 4}, "num_nuclei_classes": 5, "num_tissue_classes": 3}
@@ -139,28 +140,37 @@ def test_timm_format_vit_weights_load_and_a_misspelt_key_is_named(tmp_path):
     state = {k: torch.randn_like(v) for k, v in vit.state_dict().items()}
     good = tmp_path / "vit.pth"
     torch.save(state, good)
-    model = CellVTA(**SMALL, pretrained=str(good))
+    model = load_weights(CellVTA(**SMALL), pretrained=str(good))
     torch.testing.assert_close(model.encoder.vit.blocks[3].mlp.fc2.weight, state["blocks.3.mlp.fc2.weight"])
     bad_state = dict(state)
     bad_state["blocks.0.attn.qkv.wieght"] = bad_state.pop("blocks.0.attn.qkv.weight")
     bad = tmp_path / "bad.pth"
     torch.save(bad_state, bad)
     with pytest.raises(KeyError, match=r"blocks\.0\.attn\.qkv\.wieght") as err:
-        CellVTA(**SMALL, pretrained=str(bad))
+        load_weights(CellVTA(**SMALL), pretrained=str(bad))
     assert "blocks.0.attn.qkv.weight" in str(err.value)
 
 
-def test_an_official_format_checkpoint_is_converted_and_loaded(tmp_path):
-    source = small_cellvta()
+def test_an_official_format_checkpoint_is_converted_and_loaded(tmp_path, caplog):
+    source = small_cellvta(cls_through_blocks=False)
     inverse = {convert_official_key(k): k for k in _official_names(source.state_dict())}
     official_state = {inverse[k]: v for k, v in source.state_dict().items()}
     path = tmp_path / "official.pth"
-    torch.save({"arch": "CellViTUNIAdapter", "model_state_dict": official_state}, path)
+    torch.save({"arch": "CellViTUNIAdapter", "model_state_dict": official_state, "config": {"data.num_classes": 5}},
+               path)
     torch.manual_seed(1)
-    loaded = CellVTA(**SMALL, checkpoint=str(path)).eval()
+    with caplog.at_level("INFO", logger="scripts.model.weights"):
+        loaded = load_weights(CellVTA(**SMALL), checkpoint=str(path)).eval()
+    assert loaded.encoder.cls_through_blocks is False and loaded.mean == loaded.std == (0.5, 0.5, 0.5)
+    assert sum("cls_through_blocks=False, official_normalization=True" in r.message for r in caplog.records) == 1
     x = images(1, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["hv_map"], source(x)["hv_map"])
+    with pytest.raises(ValueError, match=r"official.pth: official CellVTA weights need cls_through_blocks=False, but "
+                                         r"the network was built with cls_through_blocks=True"):
+        load_weights(CellVTA(**SMALL, cls_through_blocks=True), checkpoint=str(path))
+    with pytest.raises(ValueError, match="need official_normalization=True"):
+        load_weights(CellVTA(**SMALL, official_normalization=False), checkpoint=str(path))
 
 
 def _official_names(state: dict) -> list[str]:

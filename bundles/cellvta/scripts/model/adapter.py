@@ -1,6 +1,7 @@
 """CellVTA's adapter: a CNN spatial prior injected into a frozen ViT by deformable attention.
 
-Shapes are for an input of ``H x W`` (multiples of 16) and ViT width ``D``:
+Shapes are for an input of ``H x W`` (multiples of 16) and ViT width ``D`` (a timm ViT, or SAM's image
+encoder: its windowed blocks run on the token grid reshaped to ``(B, H/16, W/16, D)``):
 the spatial prior module (SPM) gives ``c1`` (B, D, H/2, W/2) and tokens at 1/4, 1/8 and 1/16;
 before each group of ViT blocks the injector lets the ViT's patch tokens (B, HW/256, D) attend
 to the SPM tokens; after it the extractor lets the SPM tokens attend to the ViT tokens. The
@@ -10,6 +11,7 @@ output is the pyramid ``f1..f4`` (B, D, H/2..H/16, W/2..W/16).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from custom_ops import MSDeformAttn
+
+from .encoders import GRID_STRIDE, embed_tokens, is_sam, resize_to_grid, run_blocks, skip_block_indices
 
 GridSizes = list[tuple[int, int]]
 
@@ -164,15 +168,16 @@ class InteractionBlock(nn.Module):
         else:
             self.extra_extractors = None
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor, c: torch.Tensor, blocks: nn.Sequential,
-                layout: dict, cls_through_blocks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor, c: torch.Tensor,
+                blocks: Callable[[torch.Tensor], torch.Tensor], layout: dict,
+                cls_through_blocks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One interaction.
 
         Args:
             x: ``(B, Nv, D)`` ViT patch tokens.
             prefix: ``(B, Np, D)`` class and register tokens.
             c: ``(B, Nc, D)`` SPM tokens.
-            blocks: the ViT blocks of this group.
+            blocks: the ViT blocks of this group, as a function of a ``(B, N, D)`` token sequence.
             layout: reference points and level layouts from ``AdapterEncoder.layout``.
             cls_through_blocks: run the blocks on ``[prefix, x]`` (fixed) or on ``x`` alone (official).
 
@@ -192,12 +197,23 @@ class InteractionBlock(nn.Module):
         return x, prefix, c
 
 
-def interaction_groups(depth: int, groups: int = 4) -> list[range]:
-    """Split ``depth`` ViT blocks into ``groups`` consecutive, near-equal groups."""
-    if depth < groups:
-        raise ValueError(f"the ViT has {depth} blocks: at least {groups} are needed for {groups} interactions")
-    bounds = [round(i * depth / groups) for i in range(groups + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(groups)]
+def interaction_groups(depth: int, skip_blocks: Sequence[int] | None = None) -> list[range]:
+    """The four groups of consecutive ViT blocks, each ending at a skip block.
+
+    Args:
+        depth: number of ViT blocks.
+        skip_blocks: the last block (0-based) of each group; the last must be ``depth - 1``. Default: the
+            quarters (``scripts.model.encoders.skip_block_indices``).
+
+    Raises:
+        ValueError: invalid skip blocks, or blocks left after the last group.
+    """
+    ends = skip_block_indices(depth, skip_blocks)
+    if ends[-1] != depth - 1:
+        raise ValueError(f"skip_blocks {ends}: the adapter's last interaction must end at the last block "
+                         f"({depth - 1})")
+    starts = [0, *(e + 1 for e in ends[:-1])]
+    return [range(s, e + 1) for s, e in zip(starts, ends)]
 
 
 def init_adapter_weights(module: nn.Module) -> None:
@@ -217,11 +233,13 @@ def init_adapter_weights(module: nn.Module) -> None:
 
 
 class AdapterEncoder(nn.Module):
-    """A timm ViT with CellVTA's adapter: image -> pyramid ``f1..f4`` and tissue logits.
+    """A timm ViT (or SAM) with CellVTA's adapter: image -> pyramid ``f1..f4`` and tissue logits.
 
     Args:
-        vit: a timm ``VisionTransformer`` built with ``dynamic_img_size=True`` and no classifier.
-        num_tissue_classes: width of the tissue head (0 for none).
+        vit: a timm ``VisionTransformer`` built with ``dynamic_img_size=True`` and no classifier, or a
+            ``VisionTransformerSAM`` (its neck is not used and is removed).
+        num_tissue_classes: width of the tissue head (0 for none): on the class token (or the mean patch
+            token) after the ViT's final norm; for SAM (no class token, no final norm) on the mean of ``f4``.
         conv_inplane: SPM stem width.
         n_points, deform_num_heads, deform_ratio, cffn_ratio, init_values, extractor_drop_path:
             interaction hyper-parameters (CellVTA: 4, 8, 0.5, 0.25, 1e-5, 0.4).
@@ -230,19 +248,27 @@ class AdapterEncoder(nn.Module):
             head); ``False`` reproduces the official model, as released weights need.
         official_init: reproduce the official initialisation, in which timm's linear init
             overwrites the Deformable-DETR init of the attention layers.
+        skip_blocks: the last block of each interaction's group (``interaction_groups``).
     """
 
     def __init__(self, vit: nn.Module, num_tissue_classes: int = 0, conv_inplane: int = 64, n_points: int = 4,
                  deform_num_heads: int = 8, deform_ratio: float = 0.5, cffn_ratio: float = 0.25,
                  init_values: float = 1e-5, extractor_drop_path: float = 0.4, extra_extractors: int = 2,
-                 cls_through_blocks: bool = True, official_init: bool = False):
+                 cls_through_blocks: bool = True, official_init: bool = False,
+                 skip_blocks: Sequence[int] | None = None):
         super().__init__()
         self.vit = vit
+        self.sam = is_sam(vit)
+        if self.sam:
+            vit.neck = nn.Identity()
         dim = vit.embed_dim
         self.embed_dim = dim
         self.patch_size = vit.patch_embed.patch_size[0]
         self.cls_through_blocks = cls_through_blocks
-        self.groups = interaction_groups(len(vit.blocks))
+        self.groups = interaction_groups(len(vit.blocks), skip_blocks)
+        self.skip_blocks = [g.stop - 1 for g in self.groups]
+        self.feature_strides = (2, 4, 8, 16)
+        self.feature_channels = (dim,) * 4
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
         self.spm = SpatialPriorModule(conv_inplane, dim)
         self.interactions = nn.ModuleList(
@@ -288,29 +314,29 @@ class AdapterEncoder(nn.Module):
             "ext_starts": ext_starts,
         }
 
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        """The ViT's parameters but its final norm (which feeds only the tissue head)."""
+        return (p for n, p in self.vit.named_parameters() if not n.startswith("norm."))
+
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 3, H, W)`` -> patch tokens ``(B, HW/256, D)`` and prefix tokens ``(B, Np, D)``."""
-        h, w = x.shape[-2:]
-        if self.patch_size != 16:
-            x = F.interpolate(x, size=(h // 16 * self.patch_size, w // 16 * self.patch_size), mode="bilinear",
-                              align_corners=False)
-        tokens = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(x)))
-        n_prefix = self.vit.num_prefix_tokens
-        return tokens[:, n_prefix:], tokens[:, :n_prefix]
+        return embed_tokens(self.vit, resize_to_grid(x, self.patch_size))
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """``(B, 3, H, W)``, H and W multiples of 16 -> ``[f1..f4]`` (B, D, H/2..H/16, ...) and tissue logits (B, T)."""
         b, _, h, w = x.shape
-        if h % 16 or w % 16:
-            raise ValueError(f"input size {h}x{w} must be a multiple of 16")
+        if h % GRID_STRIDE or w % GRID_STRIDE:
+            raise ValueError(f"input size {h}x{w} must be a multiple of {GRID_STRIDE}")
         layout = self.layout(h, w, x.device, x.dtype)
         c1, c2, c3, c4 = self.spm(x)
         c = torch.cat([m.permute(0, 2, 3, 1).flatten(1, 2) + self.level_embed[i] for i, m in enumerate((c2, c3, c4))], 1)
         tokens, prefix = self.embed(x)
         vit_outs = []
+        grid = (h // GRID_STRIDE, w // GRID_STRIDE)
         for interaction, group in zip(self.interactions, self.groups):
             blocks = self.vit.blocks[group.start:group.stop]
-            tokens, prefix, c = interaction(tokens, prefix, c, blocks, layout, self.cls_through_blocks)
+            tokens, prefix, c = interaction(tokens, prefix, c, lambda seq, b=blocks: run_blocks(self.vit, b, seq, grid),
+                                            layout, self.cls_through_blocks)
             vit_outs.append(tokens_to_map(tokens, h // 16, w // 16))
         grids = layout["spm_grids"]
         maps = [tokens_to_map(part, gh, gw) for part, (gh, gw) in zip(c.split([gh * gw for gh, gw in grids], 1), grids)]
@@ -321,7 +347,9 @@ class AdapterEncoder(nn.Module):
             for norm, level, out in zip(norms, pyramid, vit_outs)
         ]
         tissue = None
-        if self.head is not None:
+        if self.head is not None and self.sam:
+            tissue = self.head(features[3].mean((2, 3)))
+        elif self.head is not None:
             seq = self.vit.norm(torch.cat([prefix, tokens], 1))
             pooled = seq[:, 0] if self.vit.cls_token is not None else seq[:, prefix.shape[1]:].mean(1)
             tissue = self.head(pooled)

@@ -1,50 +1,32 @@
-"""CellVTA and CellViT: a timm ViT encoder (with or without the adapter) and a HoVer-Net style decoder.
+"""CellVTA and CellViT: an encoder (a ViT with or without the adapter, SAM, or a hierarchical model) and a
+HoVer-Net style decoder.
 
-Both return a dict of raw maps for a ``(B, 3, H, W)`` normalised image (H, W multiples of 16):
-``nuclei_binary_map (B, 2, H, W)``, ``hv_map (B, 2, H, W)`` (channel 0 horizontal, 1 vertical),
-``nuclei_type_map (B, C, H, W)`` (C includes background 0), ``tissue_types (B, T)`` (when the
-tissue head exists), and on request ``features (B, D, H/16, W/16)`` for per-cell embeddings.
+Both return a dict of raw maps for a ``(B, 3, H, W)`` normalised image (H, W multiples of 16, or of the
+hierarchical encoder's ``input_multiple``): ``nuclei_binary_map (B, 2, H, W)``, ``hv_map (B, 2, H, W)``
+(channel 0 horizontal, 1 vertical), ``nuclei_type_map (B, C, H, W)`` (C includes background 0),
+``tissue_types (B, T)`` (when the tissue head exists), and on request ``features (B, D, H/16, W/16)`` for
+per-cell embeddings. ``forward_features`` runs the encoder, ``forward_head`` the decoder.
+
+The constructors build modules only (randomly initialised); weights load through
+``scripts.model.weights.load_weights``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from .adapter import AdapterEncoder, tokens_to_map
-from .backbones import (
-    OFFICIAL_MEAN, OFFICIAL_STD, apply_freeze_policy, create_vit, load_exactly, load_vit_weights, read_state_dict,
-)
-from .convert import convert_official_state_dict, is_official_state_dict
+from .adapter import AdapterEncoder
+from .backbones import apply_freeze_policy, create_backbone, create_vit, image_statistics
+from .blocks import Conv2DBlock, Deconv2DBlock
+from .encoders import HierarchicalEncoder, ViTEncoder
 
 BRANCHES = ("nuclei_binary_map", "hv_map", "nuclei_type_map")
-
-
-class Conv2DBlock(nn.Module):
-    """3x3 convolution, BatchNorm, ReLU, dropout: ``(B, in, H, W)`` -> ``(B, out, H, W)``."""
-
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0):
-        super().__init__()
-        self.block = nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
-                                   nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
-
-
-class Deconv2DBlock(nn.Module):
-    """2x upsampling transposed convolution, 3x3 convolution, BatchNorm, ReLU, dropout: ``H`` -> ``2H``."""
-
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0):
-        super().__init__()
-        self.block = nn.Sequential(nn.ConvTranspose2d(in_ch, out_ch, 2, 2), nn.Conv2d(out_ch, out_ch, 3, 1, 1),
-                                   nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+DECODER_STRIDES = (2, 4, 8, 16)  # of the decoder's skips 1..3 and of its bottleneck
 
 
 class Branch(nn.Module):
@@ -121,61 +103,81 @@ class HoVerDecoder(nn.Module):
         return {name: branch(skips, features[3]) for name, branch in self.branches.items()}
 
 
-class ViTEncoder(nn.Module):
-    """A timm ViT returning the patch tokens after each quarter of its blocks (CellViT's skips).
+def skip_path(in_ch: int, out_ch: int, in_stride: int, out_stride: int, intermediate: Sequence[int],
+              dropout: float = 0.0) -> nn.Sequential:
+    """Bring an encoder map ``(B, in_ch, H/in_stride, ...)`` to a decoder skip ``(B, out_ch, H/out_stride, ...)``.
 
-    Args:
-        vit: timm ``VisionTransformer`` (``dynamic_img_size=True``, no classifier).
-        num_tissue_classes: width of the tissue head on the class token (0 for none).
+    Same stride: two Conv2DBlocks (CellVTA's skips). Finer target: one Deconv2DBlock per factor 2, through
+    the ``intermediate`` widths (CellViT's skips from 1/16: 3, 2 and 1 Deconv2DBlocks).
+
+    Raises:
+        ValueError: the target is coarser than the map or the ratio is not a power of 2.
     """
+    steps = math.log2(in_stride / out_stride)
+    if steps < 0 or steps != int(steps):
+        raise ValueError(f"an encoder map at stride {in_stride} cannot feed a decoder skip at stride {out_stride}")
+    steps = int(steps)
+    if steps == 0:
+        return nn.Sequential(Conv2DBlock(in_ch, out_ch, dropout), Conv2DBlock(out_ch, out_ch, dropout))
+    widths = [in_ch, *intermediate[:steps - 1], out_ch]
+    return nn.Sequential(*(Deconv2DBlock(a, b, dropout) for a, b in zip(widths[:-1], widths[1:])))
 
-    def __init__(self, vit: nn.Module, num_tissue_classes: int = 0):
-        super().__init__()
-        self.vit = vit
-        self.embed_dim = vit.embed_dim
-        depth = len(vit.blocks)
-        self.extract = [round(depth * k / 4) - 1 for k in range(1, 5)]
-        self.head = nn.Linear(self.embed_dim, num_tissue_classes) if num_tissue_classes else None
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """``(B, 3, H, W)`` -> four ``(B, D, H/16, W/16)`` token maps and tissue logits ``(B, T)``."""
-        b, _, h, w = x.shape
-        p = self.vit.patch_embed.patch_size[0]
-        if p != 16:
-            x = nn.functional.interpolate(x, size=(h // 16 * p, w // 16 * p), mode="bilinear", align_corners=False)
-        seq = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(x)))
-        n_prefix = self.vit.num_prefix_tokens
-        outs = []
-        for i, block in enumerate(self.vit.blocks):
-            seq = block(seq)
-            if i in self.extract:
-                outs.append(tokens_to_map(seq[:, n_prefix:], h // 16, w // 16))
-        tissue = None
-        if self.head is not None:
-            normed = self.vit.norm(seq)
-            tissue = self.head(normed[:, 0] if self.vit.cls_token is not None else normed[:, n_prefix:].mean(1))
-        return outs, tissue
+def build_decoder(encoder: nn.Module, num_nuclei_classes: int, deconv_bottleneck: bool,
+                  drop_rate: float = 0.0) -> HoVerDecoder:
+    """The HoVer-Net decoder for an encoder's ``feature_channels`` and ``feature_strides``.
+
+    The image skip is two Conv2DBlocks (3 -> 32 -> 64); each encoder map ``i`` feeds the skip at
+    ``DECODER_STRIDES[i]`` through ``skip_path``; the last map is the bottleneck (stride 16).
+    """
+    d = encoder.embed_dim
+    w0, w1, w2, w3 = decoder_widths(d)
+    if encoder.feature_strides[3] != DECODER_STRIDES[3]:
+        raise ValueError(f"the encoder's last map has stride {encoder.feature_strides[3]}: the decoder's "
+                         f"bottleneck needs {DECODER_STRIDES[3]}")
+    intermediate = (512, 256) if d >= 512 else (256, 128)
+    skips = [nn.Sequential(Conv2DBlock(3, 32, drop_rate), Conv2DBlock(32, w0, drop_rate))]
+    for ch, stride, target, width in zip(encoder.feature_channels, encoder.feature_strides, DECODER_STRIDES,
+                                         (w1, w2, w3)):
+        skips.append(skip_path(ch, width, stride, target, intermediate, drop_rate))
+    return HoVerDecoder(skips, d, num_nuclei_classes, deconv_bottleneck=deconv_bottleneck, dropout=drop_rate)
 
 
 class _NucleiNet(nn.Module):
-    """Common forward of CellVTA and CellViT: encoder features -> decoder maps (+ tissue, features)."""
+    """Common forward of CellVTA and CellViT: encoder features -> decoder maps (+ tissue, features).
+
+    Attributes:
+        backbone: the preset or timm name of the encoder; vit_kwargs: its extra timm arguments.
+        family: ``vit``, ``sam`` or ``hierarchical``.
+        mean, std: the image statistics the network expects (RGB in [0, 1]).
+        requested: the weight-dependent switches as given to the constructor (``None``: not given, the
+            weights may set them; see ``scripts.model.weights.load_weights``).
+    """
 
     encoder: nn.Module
     decoder: HoVerDecoder
 
-    def _setup(self, preset, official_normalization: bool, pretrained: str | None, backbone: str,
-               checkpoint: str | None, freeze: str) -> None:
-        self.mean = OFFICIAL_MEAN if official_normalization else preset.mean
-        self.std = OFFICIAL_STD if official_normalization else preset.std
-        if pretrained:
-            load_vit_weights(self.encoder.vit, pretrained, backbone)
-        if checkpoint:
-            load_network_checkpoint(self, checkpoint)
+    def _setup(self, backbone: str, family: str, vit_kwargs: dict | None, official_normalization: bool | None,
+               freeze: str, requested: dict) -> None:
+        self.backbone = backbone
+        self.vit_kwargs = dict(vit_kwargs or {})
+        self.family = family
+        self.requested = {**requested, "official_normalization": official_normalization}
+        self.set_official_normalization(bool(official_normalization))
         apply_freeze_policy(self, freeze)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> dict[str, torch.Tensor]:
-        """``(B, 3, H, W)`` normalised image -> dict of maps (see the module docstring)."""
-        features, tissue = self.encoder(x)
+    def set_official_normalization(self, official: bool) -> None:
+        """Expect images normalised with 0.5 / 0.5 (official weights) or with the backbone's statistics."""
+        self.official_normalization = official
+        self.mean, self.std = image_statistics(self.backbone, official)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``(B, 3, H, W)`` -> the encoder's four maps (see the encoder) and tissue logits ``(B, T)`` or ``None``."""
+        return self.encoder(x)
+
+    def forward_head(self, x: torch.Tensor, features: Sequence[torch.Tensor], tissue: torch.Tensor | None = None,
+                     return_features: bool = False) -> dict[str, torch.Tensor]:
+        """The image, the encoder's maps and tissue logits -> dict of maps (see the module docstring)."""
         out = self.decoder(x, features)
         if tissue is not None:
             out["tissue_types"] = tissue
@@ -183,90 +185,88 @@ class _NucleiNet(nn.Module):
             out["features"] = features[3]
         return out
 
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> dict[str, torch.Tensor]:
+        """``(B, 3, H, W)`` normalised image -> dict of maps (see the module docstring)."""
+        features, tissue = self.forward_features(x)
+        return self.forward_head(x, features, tissue, return_features)
+
 
 def _device_scope(device: torch.device | str | None):
     return torch.device(device) if device is not None else nullcontext()
 
 
 class CellVTA(_NucleiNet):
-    """CellVTA: foundation ViT + adapter + HoVer-Net decoder.
+    """CellVTA: a ViT (or SAM's image encoder) + the adapter + HoVer-Net decoder.
 
     Args:
-        backbone: a preset of ``scripts.model.backbones.PRESETS`` (``uni``, ``uni2-h``, ``virchow2``,
-            ``h-optimus-0``, ``dinov2-s/b/l``, ``vit-t/s/b/l``) or any timm ViT name.
+        backbone: a ViT or SAM preset of ``scripts.model.backbones.PRESETS`` (``uni``, ``uni2-h``,
+            ``virchow2``, ``sam-l``, ``vit-s``, ...) or any timm ViT name.
         num_nuclei_classes: NC channels including background (PanNuke 6, CoNIC 7, CoNSeP 5).
         num_tissue_classes: tissue head width (0 for no head).
         freeze: ``frozen`` (ViT frozen, the paper's), ``full`` or ``decoder_only``.
-        pretrained: ViT weights, a local file or ``hf-hub:<repo>``, loaded strictly.
-        checkpoint: a whole-network state dict (ours, or an official CellVTA checkpoint, converted).
-        cls_through_blocks: fix of the official class-token defect; ``False`` for official weights.
+        cls_through_blocks: fix of the official class-token defect (``None``: ``True`` unless loaded
+            weights need ``False``, as official checkpoints do).
         official_init: reproduce the official overwritten MSDA initialisation.
-        official_normalization: use mean = std = 0.5 (official) instead of the backbone's statistics.
+        official_normalization: mean = std = 0.5 (official) instead of the backbone's statistics
+            (``None``: ``False`` unless loaded weights need it).
+        skip_blocks: the last ViT block (0-based) of each of the four interactions (default: quarters).
         drop_rate: decoder dropout. drop_path_rate: ViT stochastic depth.
-        extractor_drop_path: drop path of the adapter's extractor FFNs.
+        conv_inplane, extra_extractors, extractor_drop_path, n_points, deform_num_heads, deform_ratio,
+            cffn_ratio, init_values: the adapter's hyper-parameters (``AdapterEncoder``).
         vit_kwargs: extra timm arguments (e.g. ``{"depth": 4}`` for a small experiment).
         device: build the parameters there (``"meta"`` to inspect the model for free).
+
+    Raises:
+        TypeError: a hierarchical backbone (it needs no adapter: use ``CellViT``).
     """
 
     def __init__(self, backbone: str = "uni", num_nuclei_classes: int = 6, num_tissue_classes: int = 19,
-                 freeze: str = "frozen", pretrained: str | None = None, checkpoint: str | None = None,
-                 cls_through_blocks: bool = True, official_init: bool = False, official_normalization: bool = False,
+                 freeze: str = "frozen", cls_through_blocks: bool | None = None, official_init: bool = False,
+                 official_normalization: bool | None = None, skip_blocks: Sequence[int] | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, extractor_drop_path: float = 0.4,
-                 conv_inplane: int = 64, extra_extractors: int = 2, vit_kwargs: dict | None = None,
-                 device: torch.device | str | None = None):
-        super().__init__()
-        with _device_scope(device):
-            vit, preset = create_vit(backbone, drop_path_rate, **(vit_kwargs or {}))
-            self.encoder = AdapterEncoder(vit, num_tissue_classes, conv_inplane=conv_inplane,
-                                          extractor_drop_path=extractor_drop_path, extra_extractors=extra_extractors,
-                                          cls_through_blocks=cls_through_blocks, official_init=official_init)
-            d = vit.embed_dim
-            w0, w1, w2, w3 = decoder_widths(d)
-            skips = [
-                nn.Sequential(Conv2DBlock(3, 32, drop_rate), Conv2DBlock(32, w0, drop_rate)),
-                nn.Sequential(Conv2DBlock(d, w1, drop_rate), Conv2DBlock(w1, w1, drop_rate)),
-                nn.Sequential(Conv2DBlock(d, w2, drop_rate), Conv2DBlock(w2, w2, drop_rate)),
-                nn.Sequential(Conv2DBlock(d, w3, drop_rate), Conv2DBlock(w3, w3, drop_rate)),
-            ]
-            self.decoder = HoVerDecoder(skips, d, num_nuclei_classes, deconv_bottleneck=True, dropout=drop_rate)
-        self._setup(preset, official_normalization, pretrained, backbone, checkpoint, freeze)
-
-
-class CellViT(_NucleiNet):
-    """CellViT: foundation ViT (no adapter) with skips from its blocks + the same decoder.
-
-    Arguments as ``CellVTA`` (without the adapter's).
-    """
-
-    def __init__(self, backbone: str = "uni", num_nuclei_classes: int = 6, num_tissue_classes: int = 19,
-                 freeze: str = "frozen", pretrained: str | None = None, checkpoint: str | None = None,
-                 official_normalization: bool = False, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 conv_inplane: int = 64, extra_extractors: int = 2, n_points: int = 4, deform_num_heads: int = 8,
+                 deform_ratio: float = 0.5, cffn_ratio: float = 0.25, init_values: float = 1e-5,
                  vit_kwargs: dict | None = None, device: torch.device | str | None = None):
         super().__init__()
         with _device_scope(device):
-            vit, preset = create_vit(backbone, drop_path_rate, **(vit_kwargs or {}))
-            self.encoder = ViTEncoder(vit, num_tissue_classes)
-            d = vit.embed_dim
-            w0, w1, w2, w3 = decoder_widths(d)
-            skip11, skip12 = (512, 256) if d >= 512 else (256, 128)
-            skips = [
-                nn.Sequential(Conv2DBlock(3, 32, drop_rate), Conv2DBlock(32, w0, drop_rate)),
-                nn.Sequential(Deconv2DBlock(d, skip11, drop_rate), Deconv2DBlock(skip11, skip12, drop_rate),
-                              Deconv2DBlock(skip12, w1, drop_rate)),
-                nn.Sequential(Deconv2DBlock(d, skip11, drop_rate), Deconv2DBlock(skip11, w2, drop_rate)),
-                nn.Sequential(Deconv2DBlock(d, w3, drop_rate)),
-            ]
-            self.decoder = HoVerDecoder(skips, d, num_nuclei_classes, deconv_bottleneck=False, dropout=drop_rate)
-        self._setup(preset, official_normalization, pretrained, backbone, checkpoint, freeze)
+            vit, _ = create_vit(backbone, drop_path_rate, **(vit_kwargs or {}))
+            self.encoder = AdapterEncoder(
+                vit, num_tissue_classes, conv_inplane=conv_inplane, n_points=n_points,
+                deform_num_heads=deform_num_heads, deform_ratio=deform_ratio, cffn_ratio=cffn_ratio,
+                init_values=init_values, extractor_drop_path=extractor_drop_path, extra_extractors=extra_extractors,
+                cls_through_blocks=cls_through_blocks is not False, official_init=official_init,
+                skip_blocks=skip_blocks)
+            self.decoder = build_decoder(self.encoder, num_nuclei_classes, deconv_bottleneck=True, drop_rate=drop_rate)
+        family = "sam" if self.encoder.sam else "vit"
+        self._setup(backbone, family, vit_kwargs, official_normalization, freeze,
+                    {"cls_through_blocks": cls_through_blocks})
 
 
-def load_network_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a whole-network checkpoint strictly; official CellVTA checkpoints are converted first.
+class CellViT(_NucleiNet):
+    """CellViT: an encoder without adapter + the same decoder.
 
-    Raises:
-        KeyError / ValueError: keys or shapes that do not match, named.
+    ViT and SAM backbones feed the decoder with the tokens after ``skip_blocks`` (CellViT, CellViT-SAM);
+    hierarchical backbones (``convnext-t``, ``swinv2-t``, ``maxvit-t``, ``resnet50``, any timm
+    ``features_only`` model) with their stages at native strides (``HierarchicalEncoder``).
+
+    Arguments as ``CellVTA`` (without the adapter's); ``vit_kwargs`` are the timm arguments of any family.
     """
-    state = read_state_dict(path)
-    if is_official_state_dict(state):
-        state = convert_official_state_dict(state)
-    load_exactly(model, state, f"{path}: network weights")
+
+    def __init__(self, backbone: str = "uni", num_nuclei_classes: int = 6, num_tissue_classes: int = 19,
+                 freeze: str = "frozen", official_normalization: bool | None = None,
+                 skip_blocks: Sequence[int] | None = None, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 vit_kwargs: dict | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        with _device_scope(device):
+            model, preset, family = create_backbone(backbone, drop_path_rate, **(vit_kwargs or {}))
+            if family == "hierarchical":
+                if skip_blocks is not None:
+                    raise ValueError(f"skip_blocks {list(skip_blocks)}: the {backbone!r} encoder is hierarchical; "
+                                     "its stages feed the decoder at their native strides")
+                self.encoder = HierarchicalEncoder(model, num_tissue_classes, preset.input_multiple, backbone,
+                                                   drop_rate)
+            else:
+                self.encoder = ViTEncoder(model, num_tissue_classes, skip_blocks)
+            self.decoder = build_decoder(self.encoder, num_nuclei_classes, deconv_bottleneck=False,
+                                         drop_rate=drop_rate)
+        self._setup(backbone, family, vit_kwargs, official_normalization, freeze, {})
