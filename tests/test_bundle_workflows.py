@@ -177,13 +177,13 @@ def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained,
     bundle_run("inferring", "wsi_inference.yaml", "--bundle_root", str(trained), "--input", str(slide),
                "--output_dir", str(out), "--tile_size", "64", "--overlap", "16", "--postprocess_workers", "1",
                "--min_tissue_fraction", "0", "--embeddings", "True")
-    summary = json.loads((out / "synthetic_slide.json").read_text())
+    summary = json.loads((out / "synthetic_slide.tif.json").read_text())
     assert summary["tiles"] == 16 and summary["width"] == summary["height"] == 192
-    features = json.loads((out / "synthetic_slide.geojson").read_text())["features"]
-    rows = (out / "synthetic_slide.csv").read_text().splitlines()
+    features = json.loads((out / "synthetic_slide.tif.geojson").read_text())["features"]
+    rows = (out / "synthetic_slide.tif.csv").read_text().splitlines()
     assert len(features) == len(rows) - 1 == summary["cells"]
-    embeddings = np.load(out / "synthetic_slide_embeddings.npy")
-    ids = np.load(out / "synthetic_slide_embedding_ids.npy")
+    embeddings = np.load(out / "synthetic_slide.tif_embeddings.npy")
+    ids = np.load(out / "synthetic_slide.tif_embedding_ids.npy")
     assert embeddings.shape == (summary["cells"], 192) and ids.tolist() == list(range(1, summary["cells"] + 1))
     assert np.isfinite(embeddings).all()
-    assert cv2.imread(str(out / "synthetic_slide_overlay.png")).shape == (192, 192, 3)
+    assert cv2.imread(str(out / "synthetic_slide.tif_overlay.png")).shape == (192, 192, 3)

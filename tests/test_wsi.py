@@ -116,7 +116,7 @@ def test_ground_truth_oracle_gives_back_the_ground_truth_without_duplicates(slid
     image, inst, types = mosaic
     settings = WSISettings(postprocess_workers=2, chunk_tiles=4, min_tissue_fraction=0.0)
     summary = run_cohort(slide, tmp_path, GroundTruthPredictor(inst, types, len(CLASSES)), CLASSES, settings)[0]
-    pred_inst, pred_type = rasterize(tmp_path / "mosaic.geojson", inst.shape)
+    pred_inst, pred_type = rasterize(tmp_path / "mosaic.tif.geojson", inst.shape)
     # nuclei that are polygons: fragments of 1-2 pixels at the CoNSeP patches' cut edges have no outline
     _, compact = np.unique(inst, return_inverse=True)
     compact = compact.reshape(inst.shape)
@@ -128,10 +128,10 @@ def test_ground_truth_oracle_gives_back_the_ground_truth_without_duplicates(slid
     assert summary["cells"] == int(pred_inst.max()) == tp
     agree = (pred_type == types)[(pred_inst > 0) & (inst > 0)].mean()
     assert agree > 0.99
-    features = json.loads((tmp_path / "mosaic.geojson").read_text())["features"]
+    features = json.loads((tmp_path / "mosaic.tif.geojson").read_text())["features"]
     assert all(shapely.geometry.shape(f["geometry"]).is_valid for f in features)
     assert {f["properties"]["classification"]["name"] for f in features} <= set(CLASSES[1:])
-    with open(tmp_path / "mosaic.csv") as f:
+    with open(tmp_path / "mosaic.tif.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["id"]) for r in rows] == list(range(1, len(features) + 1))
     x, y = (np.array([float(r[k]) for r in rows]) for k in ("x", "y"))
@@ -147,7 +147,7 @@ def test_hovernet_postprocessing_on_ideal_maps_finds_most_nuclei(slide, mosaic, 
     _, inst, types = mosaic
     predictor = GroundTruthPredictor(inst, types, len(CLASSES), instances=False)
     run_slide(slide, tmp_path, predictor, CLASSES, SETTINGS)
-    pred_inst, _ = rasterize(tmp_path / "mosaic.geojson", inst.shape)
+    pred_inst, _ = rasterize(tmp_path / "mosaic.tif.geojson", inst.shape)
     tp, fp, fn, _ = pq_counts(instance_overlap(inst, pred_inst))[:4]
     assert tp / (tp + fn) > 0.8 and fp / (tp + fp) < 0.05, (tp, fp, fn)
 
@@ -176,7 +176,7 @@ def test_openslide_and_tifffile_read_the_same_pixels_and_find_the_same_nuclei(sl
     for backend in ("openslide", "tifffile"):
         out = tmp_path / backend
         summary = run_slide(slide, out, HematoxylinPredictor(), CLASSES, WSISettings(**{**SETTINGS.__dict__, "backend": backend}))
-        found[backend] = (out / "mosaic.csv").read_text()
+        found[backend] = (out / "mosaic.tif.csv").read_text()
         assert summary["cells"] > 50
     assert found["openslide"] == found["tifffile"]
 
@@ -187,9 +187,9 @@ def test_twenty_x_slide_is_upsampled_and_coordinates_are_level_zero_pixels(mosai
     write_pyramidal_tiff(path, cv2.resize(image, (450, 500), interpolation=cv2.INTER_AREA), mpp=0.5, min_size=10_000)
     summary = run_slide(path, tmp_path / "out", GroundTruthPredictor(inst, types, len(CLASSES)), CLASSES, SETTINGS)
     assert summary["scale"] == 0.5 and summary["analysed_mpp"] == 0.25 and summary["mpp"] == 0.5
-    pred_inst, _ = rasterize(tmp_path / "out" / "half.geojson", inst.shape, scale=0.5)
+    pred_inst, _ = rasterize(tmp_path / "out" / "half.tif.geojson", inst.shape, scale=0.5)
     assert panoptic_quality(inst, pred_inst)[2] > 0.9
-    with open(tmp_path / "out" / "half.csv") as f:
+    with open(tmp_path / "out" / "half.tif.csv") as f:
         rows = list(csv.DictReader(f))
     x = np.array([float(r["x"]) for r in rows])
     assert 0 <= x.min() and x.max() < 450
@@ -224,21 +224,22 @@ def test_a_killed_run_resumes_and_ends_with_the_outputs_of_an_uninterrupted_run(
 
     subprocess.run(script(tmp_path / "whole"), check=True, capture_output=True, timeout=600)
     proc = subprocess.Popen(script(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / "killed" / ".big.parts"
+    parts = tmp_path / "killed" / ".big.tif.parts"
     deadline = time.monotonic() + 300
     while len(list(parts.glob("part_*.npz"))) < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "big.json").exists(), "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "big.tif.json").exists(), "the run ended before it could be killed"
     done_before = len(list(parts.glob("part_*.npz")))
     subprocess.run(script(tmp_path / "killed"), check=True, capture_output=True, timeout=600)
     assert done_before >= 5
     whole, resumed = outputs(tmp_path / "whole", "big"), outputs(tmp_path / "killed", "big")
-    assert whole.keys() == resumed.keys() == {"big.csv", "big.geojson", "big_overlay.png"}
+    assert whole.keys() == resumed.keys() == {"big.tif.csv", "big.tif.geojson", "big.tif_overlay.png",
+                                              "big.tif_mask.png"}
     assert whole == resumed
-    summary = json.loads((tmp_path / "killed" / "big.json").read_text())
-    assert summary["cells"] == json.loads((tmp_path / "whole" / "big.json").read_text())["cells"] > 5000
+    summary = json.loads((tmp_path / "killed" / "big.tif.json").read_text())
+    assert summary["cells"] == json.loads((tmp_path / "whole" / "big.tif.json").read_text())["cells"] > 5000
 
 
 def test_slides_without_resolution_or_tissue_and_corrupt_files(mosaic, tmp_path):
@@ -262,8 +263,9 @@ def test_slides_without_resolution_or_tissue_and_corrupt_files(mosaic, tmp_path)
     write_pyramidal_tiff(glass, np.full((600, 700, 3), 240, np.uint8), mpp=0.25)
     summary = run_slide(glass, tmp_path / "out", predictor, CLASSES, WSISettings(postprocess_workers=0))
     assert summary["tiles"] == 0 and summary["cells"] == 0
-    assert json.loads((tmp_path / "out" / "glass.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
-    assert (tmp_path / "out" / "glass.csv").read_text().splitlines() == [
+    assert json.loads((tmp_path / "out" / "glass.tif.geojson").read_text()) == {"type": "FeatureCollection",
+                                                                                 "features": []}
+    assert (tmp_path / "out" / "glass.tif.csv").read_text().splitlines() == [
         "id,x,y,x_um,y_um,type_id,type,probability,area_um2"]
 
 
@@ -275,8 +277,182 @@ def test_a_cohort_is_sharded_by_rank_and_a_bad_slide_does_not_stop_the_others(sl
     predictor = GroundTruthPredictor(inst, types, len(CLASSES))
     with pytest.raises(SlideError, match=r"1 of 2 slides failed:\n.*bad\.svs"):
         run_cohort(cohort, tmp_path / "all", predictor, CLASSES, SETTINGS)
-    assert (tmp_path / "all" / "mosaic.json").is_file()
+    assert (tmp_path / "all" / "mosaic.tif.json").is_file()
     second = run_cohort(cohort, tmp_path / "rank1", predictor, CLASSES, SETTINGS, rank=1, world_size=2)
     assert [s["slide"] for s in second] == [str(slide)]
     again = run_cohort(cohort, tmp_path / "rank1", predictor, CLASSES, SETTINGS, rank=1, world_size=2)
     assert again == second, "a finished slide is not analysed again"
+
+
+def _small_slides(image: np.ndarray, folder: Path, names: list[str]) -> list[Path]:
+    """One single-level slide per name, each a different 320 x 320 crop of ``image``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    crops = [(0, 0), (0, 320), (320, 0), (320, 320), (600, 500)]
+    paths = []
+    for name, (y, x) in zip(names, crops):
+        write_pyramidal_tiff(folder / name, image[y : y + 320, x : x + 320], mpp=0.25, min_size=10_000)
+        paths.append(folder / name)
+    return paths
+
+
+def test_slides_sharing_a_stem_or_a_name_keep_their_own_outputs_or_are_refused(mosaic, tmp_path):
+    image = mosaic[0]
+    slides = _small_slides(image, tmp_path / "in", ["case.1.tif", "case.2.tif", "a.tif", "a.tiff"])
+    summaries = run_cohort(tmp_path / "in", tmp_path / "out", HematoxylinPredictor(), CLASSES, SETTINGS)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == sorted(f"{p.name}.json" for p in slides)
+    for slide, summary in zip(sorted(slides), summaries):
+        assert summary["slide"] == str(slide)
+        alone = run_slide(slide, tmp_path / "alone" / slide.name, HematoxylinPredictor(), CLASSES, SETTINGS)
+        assert alone["cells"] == summary["cells"] > 3
+        assert ((tmp_path / "out" / f"{slide.name}.csv").read_bytes()
+                == (tmp_path / "alone" / slide.name / f"{slide.name}.csv").read_bytes())
+    assert len({(tmp_path / "out" / f"{p.name}.csv").read_bytes() for p in slides}) == 4  # four different results
+    # the same file name in two folders (or differing only by case) is refused before anything is written
+    other = _small_slides(image, tmp_path / "elsewhere", ["A.TIF"])[0]
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text(f"{slides[2]}\n{slides[0]}\n{other}\n")
+    with pytest.raises(ValueError, match=rf"{slides[2]} and {other} would write the same outputs"):
+        run_cohort(cohort, tmp_path / "refused", HematoxylinPredictor(), CLASSES, SETTINGS)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_slide_named_like_a_hidden_file_writes_inside_the_output_folder(mosaic, tmp_path):
+    slide = _small_slides(mosaic[0], tmp_path / "in", [".dot.tif"])[0]
+    summary = run_slide(slide, tmp_path / "box" / "out", HematoxylinPredictor(), CLASSES, SETTINGS)
+    assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["out"]
+    assert {p.name for p in (tmp_path / "box" / "out").iterdir()} == {
+        ".dot.tif.geojson", ".dot.tif.csv", ".dot.tif_overlay.png", ".dot.tif_mask.png", ".dot.tif.json"}
+    assert summary["cells"] > 3
+
+
+def test_a_summary_of_other_settings_is_invalidated_before_new_outputs_are_published(slide, monkeypatch, tmp_path):
+    import scripts.files
+
+    first = run_slide(slide, tmp_path, HematoxylinPredictor(), CLASSES, SETTINGS)
+    published = outputs(tmp_path, "mosaic.tif")
+    other = WSISettings(**{**SETTINGS.__dict__, "tile_size": 200, "overlap": 40})
+    real_publish, calls = scripts.files.publish, []
+
+    def killed_before_the_geojson(tmp: Path, path: Path) -> None:
+        calls.extend([Path(path).name] if Path(path).name.startswith("mosaic.tif") else [])
+        if Path(path).name == "mosaic.tif.geojson":
+            raise KeyboardInterrupt("killed between two publications")
+        real_publish(tmp, path)
+
+    monkeypatch.setattr(scripts.files, "publish", killed_before_the_geojson)
+    with pytest.raises(KeyboardInterrupt):
+        run_slide(slide, tmp_path, HematoxylinPredictor(), CLASSES, other)
+    monkeypatch.undo()
+    assert "mosaic.tif.csv" in calls and outputs(tmp_path, "mosaic.tif") != published  # the new CSV is out
+    assert not (tmp_path / "mosaic.tif.json").exists(), "the old summary would vouch for mixed outputs"
+    again = run_slide(slide, tmp_path, HematoxylinPredictor(), CLASSES, SETTINGS)
+    assert outputs(tmp_path, "mosaic.tif") == published and again["cells"] == first["cells"]
+    # outputs deleted by hand: the summary no longer vouches for them and the slide is analysed again
+    (tmp_path / "mosaic.tif.csv").unlink()
+    run_slide(slide, tmp_path, HematoxylinPredictor(), CLASSES, SETTINGS)
+    assert outputs(tmp_path, "mosaic.tif") == published
+
+
+def test_parts_left_by_a_kill_after_the_summary_are_removed_by_the_next_run(slide, tmp_path):
+    first = run_slide(slide, tmp_path, HematoxylinPredictor(), CLASSES, SETTINGS)
+    leftover = tmp_path / ".mosaic.tif.parts"
+    leftover.mkdir()
+    (leftover / "part_000000.npz").write_bytes(b"x" * 1000)
+    assert run_slide(slide, tmp_path, HematoxylinPredictor(), CLASSES, SETTINGS) == first
+    assert not leftover.exists()
+
+
+def test_a_full_disk_during_the_outputs_leaves_no_temporary_and_no_output(slide, tmp_path):
+    import resource
+
+    reference = run_slide(slide, tmp_path / "reference", HematoxylinPredictor(), CLASSES, SETTINGS)
+    expected = outputs(tmp_path / "reference", "mosaic.tif")
+    limit = len(expected["mosaic.tif.geojson"]) // 2  # larger than any part file, smaller than the GeoJSON
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            run_slide(slide, tmp_path / "full", HematoxylinPredictor(), CLASSES, SETTINGS)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    left = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert left == [".mosaic.tif.parts"], left  # the resumable parts, nothing else
+    assert run_slide(slide, tmp_path / "full", HematoxylinPredictor(), CLASSES, SETTINGS)["cells"] == reference["cells"]
+    assert outputs(tmp_path / "full", "mosaic.tif") == expected
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == sorted([*expected, "mosaic.tif.json"])
+
+
+ORPHANS = """
+import sys, time
+sys.path[:0] = {paths!r}
+from scripts.slides.workers import postprocess_pool
+pool = postprocess_pool(2, poll=0.1)
+jobs = [pool.submit(time.sleep, 120) for _ in range(2)]
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat[0] != "Z":
+            children.setdefault(int(stat[1]), []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        below = children.get(stack.pop(), [])
+        found += below
+        stack += below
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the worker processes")
+def test_postprocessing_workers_end_when_the_main_process_is_killed():
+    code = ORPHANS.format(paths=[str(ROOT), str(ROOT / "bundles" / "cellvta")])
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 60
+        workers = []
+        while len(workers) < 2 and time.monotonic() < deadline:  # both workers busy in their 120 s job
+            workers = [p for p in _descendants(proc.pid) if "spawn_main" in _cmdline(p)]
+            time.sleep(0.1)
+        assert len(workers) == 2, workers
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers)), "post-processing workers outlived the killed main process"
+
+
+def test_empty_maps_and_thumbnails_are_refused_with_a_value_error():
+    from scripts.slides.tile_cells import TileMaps, tile_cells
+    from scripts.slides.tissue import tissue_mask
+
+    with pytest.raises(ValueError, match="empty thumbnail: 0 x 0"):
+        tissue_mask(np.zeros((0, 0, 3), np.uint8))
+    empty = TileMaps(0, 0, np.zeros((0, 0), np.float32), np.zeros((2, 0, 0), np.float32), None, len(CLASSES))
+    with pytest.raises(ValueError, match=r"tile \(0, 0\): nuclei map must be a non-empty"):
+        tile_cells(empty, TileGrid(256, 256))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
 
 import cv2
 import numpy as np
@@ -131,52 +129,3 @@ def write_maps(path: Path, inst_map: np.ndarray, type_map: np.ndarray) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez_compressed(tmp, inst_map=inst_map.astype(np.int32), type_map=type_map.astype(np.uint8))
     replace_atomically(tmp, path)
-
-
-class GeoJSONStream:
-    """A GeoJSON FeatureCollection written feature by feature, so memory does not grow with the slide.
-
-    The file appears at ``path`` only when :meth:`close` completes (written to a temporary file, then moved).
-    QuPath reads it with File > Import objects.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self._file: TextIO = open(self._tmp, "w", encoding="utf-8")
-        self._file.write('{"type": "FeatureCollection", "features": [\n')
-        self._first = True
-
-    def write(self, features: Sequence[dict]) -> None:
-        """Append features."""
-        if not features:
-            return
-        text = ",\n".join(json.dumps(f, separators=(",", ":")) for f in features)
-        self._file.write(text if self._first else ",\n" + text)
-        self._first = False
-
-    def close(self) -> None:
-        """Finish the collection and publish the file."""
-        self._file.write("\n]}\n")
-        self._file.close()
-        replace_atomically(self._tmp, self.path)
-
-
-class CSVStream:
-    """A CSV table written row block by row block, published at ``path`` by :meth:`close`."""
-
-    def __init__(self, path: Path, header: Sequence[str]) -> None:
-        self.path = Path(path)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self._file = open(self._tmp, "w", encoding="utf-8", newline="")
-        self._writer = csv.writer(self._file)
-        self._writer.writerow(header)
-
-    def write(self, rows: Sequence[Sequence[object]]) -> None:
-        """Append rows."""
-        self._writer.writerows(rows)
-
-    def close(self) -> None:
-        """Publish the file."""
-        self._file.close()
-        replace_atomically(self._tmp, self.path)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from ..files import atomic_path
 
 __all__ = ["CellTable"]
 
@@ -60,6 +61,18 @@ class CellTable:
         """(K, 2) int32 contour of nucleus ``i``."""
         return self.contour_xy[self.contour_start[i] : self.contour_start[i + 1]]
 
+    def select(self, keep: np.ndarray) -> CellTable:
+        """The rows where the (N,) bool ``keep`` is true, in order."""
+        index = np.flatnonzero(keep)
+        lengths = np.diff(self.contour_start)[index]
+        start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        vertices = np.arange(start[-1]) - np.repeat(start[:-1] - self.contour_start[index], lengths)
+        return CellTable(tile=self.tile[index], box=self.box[index], centroid=self.centroid[index],
+                         type=self.type[index], probability=self.probability[index], area=self.area[index],
+                         contour_xy=self.contour_xy[vertices],
+                         contour_start=start,
+                         embedding=self.embedding[index])
+
     @classmethod
     def concat(cls, tables: Sequence[CellTable]) -> CellTable:
         """All rows of ``tables``, in order."""
@@ -84,9 +97,8 @@ class CellTable:
 
     def save(self, path: Path) -> None:
         """Write as an uncompressed ``.npz``, atomically."""
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def load(cls, path: Path) -> CellTable:

@@ -55,9 +55,15 @@ def tile_cells(maps: TileMaps, grid: TileGrid, magnification: int = 40) -> CellT
 
     Nuclei typed background (every pixel of the nucleus voted background) are dropped when types are given.
 
+    Raises:
+        ValueError: the maps are empty (0 x 0) or not two-dimensional.
+
     Returns:
         The kept nuclei in analysed-image coordinates.
     """
+    if maps.nuclei_prob.ndim != 2 or 0 in maps.nuclei_prob.shape:
+        raise ValueError(f"tile ({maps.row}, {maps.col}): nuclei map must be a non-empty (T, T) array, "
+                         f"got shape {maps.nuclei_prob.shape}")
     type_prob = None
     if maps.type_map is not None:
         type_prob = np.eye(maps.num_classes, dtype=np.uint8)[maps.type_map].transpose(2, 0, 1)

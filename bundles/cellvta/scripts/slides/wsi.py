@@ -11,14 +11,17 @@ For each slide:
    never waits for the watershed; each nucleus is kept once, by the tile it lies in most centrally;
 4. save the nuclei of every ``chunk_tiles`` consecutive tiles as a part file: a killed run, started again with
    the same command, skips the parts it has and ends with the same outputs as an uninterrupted run;
-5. stream the parts into the outputs, each published atomically when complete:
+5. stream the parts into the outputs (:mod:`.outputs`), published together when all are complete.
+   ``<slide>`` is the slide's full file name (``case.1.tif`` -> ``case.1.tif.geojson``); a cohort holding two slides
+   of the same file name is refused before any work:
 
    * ``<slide>.geojson``: QuPath detections (class name and colour, measurements);
    * ``<slide>.csv``: ``id, x, y`` (level-0 pixels), ``x_um, y_um``, ``type_id, type, probability, area_um2``;
    * ``<slide>_embeddings.npy`` and ``<slide>_embedding_ids.npy`` (optional): one encoder token vector per nucleus;
    * ``<slide>_overlay.png``: the thumbnail with every nucleus as a dot in its class colour;
-   * ``<slide>.json``: the slide, the analysis settings, counts per class, written last (a slide with this file
-     and the same settings is skipped when a cohort is run again).
+   * ``<slide>.json``: the slide, the analysis settings, counts per class, written last (a slide with this file,
+     the same settings and all its outputs is skipped when a cohort is run again; any other summary is deleted
+     before new outputs are published).
 
 All coordinates are level-0 pixels of the slide. With ``torchrun --nproc_per_node N`` each process takes every
 N-th slide of the cohort.
@@ -29,32 +32,35 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..files import write_text_atomic
 from .cell_table import CellTable
+from .cohort import SLIDE_SUFFIXES, SlideEntry, list_slides
+from .outputs import CSVStream, GeoJSONStream, SlideOutputs, check_unique_names, geojson_features, output_path
 from .predictors import PredictedMaps
 from .readers import Slide, SlideError, open_slide
+from .regions import Region, find_region, read_region
 from .tile_cells import TileMaps, tile_cells
 from .tiling import TileGrid
-from .tissue import tissue_mask
-from ..inference.writers import CSVStream, GeoJSONStream, class_color, class_name, closed_rings, detection_feature, write_png
+from .tissue import pen_mask, tissue_mask
+from .workers import postprocess_pool
+from ..inference.writers import PALETTE, class_color, class_name, closed_rings
 
 __all__ = ["SLIDE_SUFFIXES", "SlideGeometry", "WSISettings", "list_slides", "run_cohort", "run_slide", "slide_geometry",
            "weights_id"]
 
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
 Predictor = Callable[[np.ndarray, np.ndarray], PredictedMaps]
 
 
@@ -76,6 +82,8 @@ class WSISettings:
         min_saturation, min_tissue_fraction: tissue detection (see :func:`.tissue.tissue_mask`).
         chunk_tiles: tiles per saved part (the unit of resumption).
         embeddings: write per-nucleus embeddings.
+        exclude_pen_marks: leave pen marks out of the analysis (see :func:`.tissue.pen_mask`).
+        pen_hue_min, pen_hue_max, pen_min_saturation, pen_max_black_value: what counts as ink.
     """
 
     target_mpp: float = 0.25
@@ -93,6 +101,11 @@ class WSISettings:
     min_tissue_fraction: float = 0.05
     chunk_tiles: int = 64
     embeddings: bool = False
+    exclude_pen_marks: bool = False
+    pen_hue_min: int = 35
+    pen_hue_max: int = 125
+    pen_min_saturation: int = 120
+    pen_max_black_value: int = 40
 
 
 @dataclass(frozen=True)
@@ -146,20 +159,6 @@ def read_tile(slide: Slide, geometry: SlideGeometry, x: int, y: int, size: int) 
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def list_slides(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Slides named by ``inputs``: a slide, a folder of slides, a text file listing one path per line, or a list."""
-    if isinstance(inputs, (str, Path)):
-        path = Path(inputs)
-        if path.is_dir():
-            return sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith("."))
-        if path.suffix.lower() == ".txt":
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: slide list not found")
-            return [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
-        return [path]
-    return [Path(p) for p in inputs]
-
-
 def weights_id(path: str | Path) -> str:
     """Identity of a weights file (path, size, modification time): resuming with other weights starts over."""
     path = Path(path)
@@ -167,11 +166,13 @@ def weights_id(path: str | Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _fingerprint(slide_path: Path, geometry: SlideGeometry, settings: WSISettings, predictor_id: str) -> str:
+def _fingerprint(slide_path: Path, geometry: SlideGeometry, settings: WSISettings, predictor_id: str,
+                 region: Region | None) -> str:
     stat = slide_path.stat()
     keys = {k: v for k, v in asdict(settings).items() if k not in {"batch_size", "postprocess_workers", "read_threads"}}
     ident = {"slide": str(slide_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-             "geometry": asdict(geometry), "settings": keys, "predictor": predictor_id}
+             "geometry": asdict(geometry), "settings": keys, "predictor": predictor_id,
+             "roi": None if region is None else hashlib.sha256(region.source.read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -184,7 +185,7 @@ class _Parts:
         if folder.is_dir() and (not stamp.is_file() or stamp.read_text() != fingerprint):
             shutil.rmtree(folder)  # parts of another slide version or other settings: not resumable
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(fingerprint)
+        write_text_atomic(stamp, fingerprint)
 
     def path(self, k: int) -> Path:
         return self.folder / f"part_{k:06d}.npz"
@@ -269,22 +270,18 @@ def _csv_rows(table: CellTable, ids: np.ndarray, geometry: SlideGeometry, class_
             for i, (x, y), t, p, a in zip(ids.tolist(), xy.tolist(), table.type, table.probability, area)]
 
 
-def _features(table: CellTable, ids: np.ndarray, geometry: SlideGeometry, class_names: Sequence[str]) -> list[dict]:
+def _features(table: CellTable, ids: np.ndarray, geometry: SlideGeometry, class_names: Sequence[str]) -> list[str]:
     area = table.area * (geometry.scale * geometry.mpp) ** 2
     rings = closed_rings(table.contour_xy, table.contour_start, geometry.scale)
-    return [detection_feature(ring, int(t), class_names, {"cell_id": int(i), "type_probability": round(float(p), 4),
-                                                          "area_um2": round(float(a), 2)})
-            for ring, i, t, p, a in zip(rings, ids, table.type, table.probability, area)]
+    return geojson_features(rings, ids, table.type, table.probability, area, class_names, np.array(PALETTE))
 
 
 class _EmbeddingStream:
-    """``<stem>_embeddings.npy`` (N, D) float32 filled part by part, and ``<stem>_embedding_ids.npy`` (N,)."""
+    """``<slide>_embeddings.npy`` (N, D) float32 filled part by part, and ``<slide>_embedding_ids.npy`` (N,)."""
 
-    def __init__(self, stem: Path, total: int, dim: int) -> None:
-        self.paths = [stem.parent / f"{stem.name}_embeddings.npy", stem.parent / f"{stem.name}_embedding_ids.npy"]
-        self.tmps = [p.with_name(f".{p.stem}.tmp.npy") for p in self.paths]
-        self.store = np.lib.format.open_memmap(self.tmps[0], mode="w+", dtype=np.float32, shape=(total, dim))
-        self.ids = np.lib.format.open_memmap(self.tmps[1], mode="w+", dtype=np.int64, shape=(total,))
+    def __init__(self, vectors: Path, ids: Path, total: int, dim: int) -> None:
+        self.store = np.lib.format.open_memmap(vectors, mode="w+", dtype=np.float32, shape=(total, dim))
+        self.ids = np.lib.format.open_memmap(ids, mode="w+", dtype=np.int64, shape=(total,))
         self.filled = 0
 
     def write(self, ids: np.ndarray, embedding: np.ndarray) -> None:
@@ -296,49 +293,95 @@ class _EmbeddingStream:
         self.store.flush()
         self.ids.flush()
         del self.store, self.ids
-        for tmp, path in zip(self.tmps, self.paths):
-            os.replace(tmp, path)
 
 
-def _assemble(parts: _Parts, n_parts: int, stem: Path, geometry: SlideGeometry, thumbnail: np.ndarray,
-              thumb_scale: float, class_names: Sequence[str], embeddings: bool) -> np.ndarray:
-    """Stream the parts into the outputs; return the nuclei count per class id."""
-    sizes = []
+OUTPUTS = (".geojson", ".csv", "_overlay.png", "_mask.png")
+EMBEDDING_OUTPUTS = ("_embeddings.npy", "_embedding_ids.npy")
+
+
+@dataclass
+class _Thumbnail:
+    """The slide's thumbnail (H, W, 3) uint8, its level-0 pixels per pixel, (H, W) bool what was analysed, and
+    (H, W) bool pen marks to leave out (or None)."""
+
+    image: np.ndarray
+    scale: float
+    analysed: np.ndarray
+    ink: np.ndarray | None = None
+
+
+def _inside(table: CellTable, geometry: SlideGeometry, region: Region | None, thumbnail: _Thumbnail) -> np.ndarray:
+    """(N,) bool: the nuclei whose centroid lies in the region (all without one) and not on a pen mark."""
+    xy = table.centroid * geometry.scale
+    keep = np.ones(len(table), dtype=bool) if region is None else region.contains(xy)
+    if thumbnail.ink is not None:
+        h, w = thumbnail.ink.shape
+        cols = np.clip((xy[:, 0] / thumbnail.scale).astype(np.int64), 0, w - 1)
+        rows = np.clip((xy[:, 1] / thumbnail.scale).astype(np.int64), 0, h - 1)
+        keep &= ~thumbnail.ink[rows, cols]
+    return keep
+
+
+def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry: SlideGeometry,
+              thumbnail: _Thumbnail, class_names: Sequence[str], embeddings: bool, region: Region | None
+              ) -> np.ndarray:
+    """Stream the parts into the outputs, published together when all are complete; return the nuclei count per
+    class id."""
+    total = 0
     dim = 0
     for k in range(n_parts):
-        with np.load(parts.path(k)) as part:
-            sizes.append(len(part["type"]))
-            dim = part["embedding"].shape[1] if embeddings else 0
-    writers = [GeoJSONStream(stem.with_suffix(".geojson")),
-               CSVStream(stem.with_suffix(".csv"),
-                         ["id", "x", "y", "x_um", "y_um", "type_id", "type", "probability", "area_um2"])]
-    vectors = _EmbeddingStream(stem, sum(sizes), dim) if embeddings else None
+        table = CellTable.load(parts.path(k))
+        total += int(_inside(table, geometry, region, thumbnail).sum())
+        dim = table.embedding.shape[1] if embeddings else 0
+    with SlideOutputs(output_dir, name, OUTPUTS + (EMBEDDING_OUTPUTS if embeddings else ())) as tmp:
+        if not cv2.imwrite(str(tmp["_mask.png"]), thumbnail.analysed.astype(np.uint8) * 255):
+            raise OSError(f"could not write {tmp['_mask.png']}")
+        return _stream(parts, n_parts, tmp, total, dim, geometry, thumbnail, class_names, embeddings, region)
+
+
+def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: int, geometry: SlideGeometry,
+            thumbnail: _Thumbnail, class_names: Sequence[str], embeddings: bool, region: Region | None
+            ) -> np.ndarray:
+    """Write the parts into the temporaries ``tmp`` (by output suffix); return the nuclei count per class id."""
+    geojson = GeoJSONStream(tmp[".geojson"])
+    table_csv = CSVStream(tmp[".csv"], ["id", "x", "y", "x_um", "y_um", "type_id", "type", "probability", "area_um2"])
+    vectors = _EmbeddingStream(tmp[EMBEDDING_OUTPUTS[0]], tmp[EMBEDDING_OUTPUTS[1]], total, dim) if embeddings else None
     colours = np.array([class_color(t) for t in range(len(class_names))], dtype=np.uint8)
     counts = np.zeros(len(class_names), dtype=np.int64)
-    overlay = thumbnail.copy()
+    overlay = thumbnail.image.copy()
     next_id = 1
-    for k in range(n_parts):
-        table = CellTable.load(parts.path(k))
-        ids = np.arange(next_id, next_id + len(table))
-        next_id += len(table)
-        writers[0].write(_features(table, ids, geometry, class_names))
-        writers[1].write(_csv_rows(table, ids, geometry, class_names))
+    try:
+        for k in range(n_parts):
+            table = CellTable.load(parts.path(k))
+            table = table.select(_inside(table, geometry, region, thumbnail))
+            ids = np.arange(next_id, next_id + len(table))
+            next_id += len(table)
+            geojson.write(_features(table, ids, geometry, class_names))
+            table_csv.write(_csv_rows(table, ids, geometry, class_names))
+            if vectors is not None:
+                vectors.write(ids, table.embedding)
+            types = np.minimum(table.type, len(class_names) - 1)
+            counts += np.bincount(types, minlength=len(class_names))
+            dots = np.floor(table.centroid * geometry.scale / thumbnail.scale).astype(np.int64)
+            dots = np.minimum(dots, np.array(overlay.shape[1::-1]) - 1)
+            overlay[dots[:, 1], dots[:, 0]] = colours[types]
+        geojson.close()
+        table_csv.close()
+    except BaseException:
+        geojson.discard()
+        table_csv.discard()
+        raise
+    finally:
         if vectors is not None:
-            vectors.write(ids, table.embedding)
-        types = np.minimum(table.type, len(class_names) - 1)
-        counts += np.bincount(types, minlength=len(class_names))
-        dots = np.floor(table.centroid * geometry.scale / thumb_scale).astype(np.int64)
-        dots = np.minimum(dots, np.array(overlay.shape[1::-1]) - 1)
-        overlay[dots[:, 1], dots[:, 0]] = colours[types]
-    for writer in writers + ([vectors] if vectors is not None else []):
-        writer.close()
-    write_png(stem.parent / f"{stem.name}_overlay.png", overlay)
+            vectors.close()
+    if not cv2.imwrite(str(tmp["_overlay.png"]), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {tmp['_overlay.png']}")
     return counts
 
 
 def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predictor, class_names: Sequence[str],
               settings: WSISettings = WSISettings(), predictor_id: str = "", pool: Executor | None = None,
-              position: int = 0) -> dict:
+              position: int = 0, roi: str | Path | None = None) -> dict:
     """Analyse one slide (see the module docstring) and return its summary (also written as ``<slide>.json``).
 
     Args:
@@ -350,34 +393,55 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
         predictor_id: identifies the predictor's weights, so resuming with other weights starts over.
         pool: post-processing workers (None: post-process in this process).
         position: line of the progress bar.
+        roi: a region file (:mod:`.regions`): only tiles meeting it are analysed and only nuclei whose centroid
+            lies in it are kept (None: the whole slide).
+
+    Raises:
+        SlideError: the slide cannot be read or has no resolution.
+        ValueError, FileNotFoundError: the region file is missing, unreadable or does not fit the slide.
     """
     slide_path = Path(slide_path)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_dir / slide_path.name.split(".")[0]
+    name = slide_path.name
+    summary_path = output_path(output_dir, name, ".json")
+    parts_folder = output_dir / f".{name}.parts"
     with open_slide(slide_path, settings.backend) as slide:
         geometry = slide_geometry(slide, settings)
-        fingerprint = _fingerprint(slide_path, geometry, settings, predictor_id)
-        summary_path = stem.with_suffix(".json")
-        if summary_path.is_file():
-            previous = json.loads(summary_path.read_text())
-            if previous.get("fingerprint") == fingerprint:
-                return previous
+        region = None if roi is None else read_region(roi, *slide.dimensions)
+        fingerprint = _fingerprint(slide_path, geometry, settings, predictor_id, region)
+        previous = _finished(summary_path, fingerprint)
+        if previous is not None:
+            shutil.rmtree(parts_folder, ignore_errors=True)  # left by a run killed after publishing its summary
+            return previous
         started = time.perf_counter()
         thumbnail, thumb_scale = slide.thumbnail(settings.thumbnail_size)
         mask = tissue_mask(thumbnail, settings.min_saturation)
+        ink = None
+        if settings.exclude_pen_marks:
+            ink = pen_mask(thumbnail, (settings.pen_hue_min, settings.pen_hue_max), settings.pen_min_saturation,
+                           settings.pen_max_black_value)
+            mask &= ~ink
+        if region is not None:
+            mask &= region.raster(mask.shape, thumb_scale)
         grid = TileGrid(geometry.width, geometry.height, settings.tile_size, settings.overlap)
         grid = grid.with_processed(grid.tissue_tiles(mask, thumb_scale / geometry.scale, settings.min_tissue_fraction))
         tiles = np.argwhere(grid.processed)
+        analysed = _covered(grid, tiles, mask.shape, thumb_scale / geometry.scale)
+        if region is not None:
+            analysed &= region.raster(mask.shape, thumb_scale)
+        if ink is not None:
+            analysed &= ~ink
         chunks = _chunks(tiles, settings.chunk_tiles)
-        parts = _Parts(output_dir / f".{stem.name}.parts", fingerprint)
+        parts = _Parts(parts_folder, fingerprint)
         todo = [(k, t) for k, t in enumerate(chunks) if not parts.done(k)]
         progress = tqdm(total=len(tiles), initial=len(tiles) - sum(len(t) for _, t in todo), unit="tile",
                         desc=slide_path.name, position=position, dynamic_ncols=True, mininterval=1.0)
         with progress:
             _predict_parts(slide, geometry, grid, todo, parts, predictor, settings, pool, progress)
-        counts = _assemble(parts, len(chunks), stem, geometry, thumbnail, thumb_scale, class_names,
-                           settings.embeddings)
+        view = _Thumbnail(thumbnail, thumb_scale, analysed, ink)
+        counts = _assemble(parts, len(chunks), output_dir, name, geometry, view, class_names, settings.embeddings,
+                           region)
         width, height = slide.dimensions
     summary = {
         "slide": str(slide_path), "width": width, "height": height, "mpp": geometry.mpp,
@@ -385,46 +449,85 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
         "tiles": int(len(tiles)), "tiles_total": int(np.prod(grid.shape)), "cells": int(counts.sum()),
         "cells_per_class": {class_name(class_names, i): int(c) for i, c in enumerate(counts) if i > 0},
         "settings": asdict(settings), "predictor": predictor_id, "fingerprint": fingerprint,
+        "roi": None if region is None else str(region.source),
         "seconds": round(time.perf_counter() - started, 2),
+        "outputs": [f"{name}{suffix}" for suffix in OUTPUTS + (EMBEDDING_OUTPUTS if settings.embeddings else ())],
     }
-    tmp = summary_path.with_name(f".{summary_path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, summary_path)
+    write_text_atomic(summary_path, json.dumps(summary, indent=1))
     shutil.rmtree(parts.folder)
     return summary
 
 
-def postprocess_pool(workers: int) -> ProcessPoolExecutor | None:
-    """Worker processes for post-processing (started by ``spawn``: they import numpy, not torch)."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
+def _covered(grid: TileGrid, tiles: np.ndarray, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """(H, W) bool of a thumbnail of ``shape`` (``scale`` analysed pixels per pixel): the area of the tiles."""
+    covered = np.zeros(shape, dtype=bool)
+    for row, col in tiles.tolist():
+        x, y = grid.origin(row, col)
+        rows = slice(int(y // scale), math.ceil((y + grid.size) / scale))
+        covered[rows, int(x // scale) : math.ceil((x + grid.size) / scale)] = True
+    return covered
+
+
+def _finished(summary_path: Path, fingerprint: str) -> dict | None:
+    """The summary of a finished run with this fingerprint whose outputs are all there, else None.
+
+    A summary that does not qualify is deleted before anything else is written, so outputs of a new run never
+    sit beside the summary of another (a later run with the old settings would take them as its own).
+    """
+    if not summary_path.is_file():
+        return None
+    try:
+        previous = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    outputs = previous.get("outputs") if isinstance(previous, dict) else None
+    if (previous.get("fingerprint") == fingerprint and isinstance(outputs, list)
+            and all((summary_path.parent / n).is_file() for n in outputs)):
+        return previous
+    summary_path.unlink()
+    directory = os.open(summary_path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the deletion reaches the disk before any new output
+    finally:
+        os.close(directory)
+    return None
 
 
 def run_cohort(inputs: str | Path | Sequence[str | Path], output_dir: str | Path, predictor: Predictor,
                class_names: Sequence[str], settings: WSISettings = WSISettings(), predictor_id: str = "",
-               rank: int | None = None, world_size: int | None = None) -> list[dict]:
-    """Analyse every slide of ``inputs`` (see :func:`list_slides`); this process takes every ``world_size``-th
-    slide from ``rank`` (default: torchrun's ``RANK``/``WORLD_SIZE``, else all).
+               rank: int | None = None, world_size: int | None = None, roi: str | Path | None = None) -> list[dict]:
+    """Analyse every slide of ``inputs`` (:func:`.cohort.list_slides`: a slide, folder, ``.txt`` or ``.csv`` list);
+    this process takes every ``world_size``-th slide from ``rank`` (default: torchrun's ``RANK``/``WORLD_SIZE``,
+    else all).
 
+    A slide's own ``mpp`` and ``roi`` (CSV columns) take precedence over ``settings.mpp`` and ``roi`` (a region
+    file for every slide, or a folder of them named after the slides, :func:`.regions.find_region`).
     Slides that fail are reported together at the end; the others are still analysed.
 
     Raises:
+        ValueError: before any work, when two slides would write the same outputs (equal file names).
         SlideError: listing the slides that failed and why.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    slides = list_slides(inputs)[rank::world_size]
-    summaries, failures = [], []
+    entries = list_slides(inputs)
+    check_unique_names([e.path for e in entries if e.problem is None])
+    entries = entries[rank::world_size]
+    summaries, failures = [], [e.problem for e in entries if e.problem is not None]
     pool = postprocess_pool(settings.postprocess_workers)
     try:
-        for path in slides:
+        for entry in (e for e in entries if e.problem is None):
+            path = entry.path
             try:
-                summaries.append(run_slide(path, output_dir, predictor, class_names, settings, predictor_id, pool,
-                                           position=rank))
-            except (SlideError, OSError) as err:
+                region = entry.roi if entry.roi is not None or roi is None else find_region(roi, path)
+                slide_settings = settings if entry.mpp is None else replace(settings, mpp=entry.mpp)
+                summaries.append(run_slide(path, output_dir, predictor, class_names, slide_settings, predictor_id,
+                                           pool, position=rank, roi=region))
+            except (SlideError, OSError, ValueError) as err:
                 failures.append(f"{path}: {err}" if str(path) not in str(err) else str(err))
     finally:
         if pool is not None:
             pool.shutdown()
     if failures:
-        raise SlideError(f"{len(failures)} of {len(slides)} slides failed:\n" + "\n".join(failures))
+        raise SlideError(f"{len(failures)} of {len(entries)} slides failed:\n" + "\n".join(failures))
     return summaries
