@@ -20,10 +20,19 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cellvta"
 TINY = ["--backbone", "vit-t", "--vit_kwargs", "{'depth': 4}", "--patch_size", "64", "--num_workers", "0"]
 
 
-def bundle_run(workflow: str, config: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", f"configs/{config}", *TINY, *args]
+def config_arg(config: str | list[str]) -> str:
+    """``--config_file`` of one config or of a list merged in order (``"['configs/a.yaml','configs/b.yaml']"``)."""
+    return f"configs/{config}" if isinstance(config, str) else str([f"configs/{c}" for c in config])
+
+
+EVALUATE = ["train.yaml", "evaluate.yaml"]
+INFERENCE = ["common.yaml", "inference.yaml"]
+
+
+def bundle_run(workflow: str, config: str | list[str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", config_arg(config), *TINY, *args]
     result = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0 or not check, result.stderr[-4000:]
     return result
 
 
@@ -94,11 +103,11 @@ def test_training_resumes_from_the_saved_epoch(trained, synthetic):
 
 @pytest.mark.slow
 def test_evaluation_and_inference_write_their_outputs(trained, synthetic):
-    bundle_run("evaluating", "evaluate.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(trained))
+    bundle_run("evaluating", EVALUATE, "--dataset_dir", str(synthetic), "--bundle_root", str(trained))
     metrics = json.loads((trained / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["summary"]["bpq"] <= 1.0 and metrics["summary"]["n_images"] > 0
     images = sorted(str(p) for p in (synthetic / "images").glob("*.png"))[:3]
-    bundle_run("inferring", "inference.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(trained),
+    bundle_run("inferring", INFERENCE, "--dataset_dir", str(synthetic), "--bundle_root", str(trained),
                "--input_images", json.dumps(images))
     out = trained / "inference"
     for image in images:
@@ -148,13 +157,14 @@ def test_torchscript_export_equals_the_eager_network_and_outputs_match_the_metad
     ts_file = trained / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_file),
            "--ckpt_file", str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json",
-           "--config_file", "configs/inference.yaml", "--use_trace", "True", "--input_shape", "[1, 3, 64, 64]",
+           "--config_file", config_arg(INFERENCE), "--use_trace", "True", "--input_shape", "[1, 3, 64, 64]",
            "--converter_kwargs", "{'strict': False}", *TINY, "--bundle_root", str(trained)]
     result = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     monkeypatch.chdir(BUNDLE)
     overrides = {"backbone": "vit-t", "vit_kwargs": {"depth": 4}, "bundle_root": str(trained)}
-    diffs = compare_torchscript(str(ts_file), "configs/inference.yaml", str(trained / "models" / "model.pt"), n=4,
+    inference = [f"configs/{c}" for c in INFERENCE]
+    diffs = compare_torchscript(str(ts_file), inference, str(trained / "models" / "model.pt"), n=4,
                                 **overrides)
     assert set(diffs) == {"nuclei_binary_map", "hv_map", "nuclei_type_map", "tissue_types"}
     assert max(diffs.values()) <= 1e-4
@@ -162,8 +172,8 @@ def test_torchscript_export_equals_the_eager_network_and_outputs_match_the_metad
     table = json.loads((trained / "models" / "dataset.json").read_text())
     classes, tissues = len(table["classes"]), len(table["tissues"])
     with pytest.raises(ValueError, match="nuclei_type_map' has shape"):
-        verify_net_io("configs/inference.yaml", n=4, **overrides)
-    verify_net_io("configs/inference.yaml", n=4, **overrides, **{
+        verify_net_io(inference, n=4, **overrides)
+    verify_net_io(inference, n=4, **overrides, **{
         f"{outputs}#nuclei_type_map#num_channels": classes, f"{outputs}#tissue_types#num_channels": tissues})
 
 
@@ -187,3 +197,55 @@ def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained,
     assert embeddings.shape == (summary["cells"], 192) and ids.tolist() == list(range(1, summary["cells"] + 1))
     assert np.isfinite(embeddings).all()
     assert cv2.imread(str(out / "synthetic_slide.tif_overlay.png")).shape == (192, 192, 3)
+
+
+def official_name(key: str) -> str:
+    """The official CellVTA name of one of our network's keys (``scripts.model.convert`` maps it back)."""
+    if key.startswith("encoder.vit."):
+        return "encoder." + key[len("encoder.vit."):]
+    if key.startswith("decoder.branches."):
+        branch, rest = key[len("decoder.branches."):].split(".", 1)
+        official = {"nuclei_binary_map": "nuclei_binary_map_decoder", "hv_map": "hv_map_decoder",
+                    "nuclei_type_map": "nuclei_type_maps_decoder"}[branch]
+        return f"{official}.{rest}"
+    return key[len("decoder."):] if key.startswith("decoder.") else key
+
+
+@pytest.mark.slow
+def test_an_official_checkpoint_through_the_inference_workflow_sets_the_switches_its_weights_need(trained, synthetic,
+                                                                                                   tmp_path):
+    from scripts.model.convert import convert_official_key
+
+    # the trained weights saved as the official trainer saves them
+    state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    official = {official_name(k): v for k, v in state.items()}
+    assert {convert_official_key(k) for k in official} == set(state)
+    official_ckpt = tmp_path / "official.pth"
+    torch.save({"arch": "CellViTUNIAdapter", "model_state_dict": official, "config": {"model.backbone": "vit-t"}},
+               official_ckpt)
+    images = sorted(str(p) for p in (synthetic / "images").glob("*.png"))[:2]
+
+    def infer(out: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return bundle_run("inferring", INFERENCE, "--bundle_root", str(trained), "--input_images", json.dumps(images),
+                          "--output_dir", str(tmp_path / out), *args, check=check)
+
+    result = infer("official", "--checkpoint", str(official_ckpt))
+    log = result.stdout + result.stderr
+    assert log.count("official CellVTA checkpoint; set cls_through_blocks=False, official_normalization=True") == 1
+    # the same weights in the bundle's format with the switches set by hand: the same nuclei
+    infer("by_hand", "--checkpoint", str(trained / "models" / "model.pt"), "--network_def#cls_through_blocks", "False",
+          "--official_normalization", "True")
+    # and without them: the fixed class token and the backbone's statistics change the maps
+    infer("unswitched", "--checkpoint", str(trained / "models" / "model.pt"))
+    changed = 0
+    for image in images:
+        stem = Path(image).stem
+        auto, by_hand, unswitched = (np.load(tmp_path / d / f"{stem}.npz") for d in ("official", "by_hand", "unswitched"))
+        for key in ("inst_map", "type_map"):
+            np.testing.assert_array_equal(auto[key], by_hand[key])
+        changed += int(not np.array_equal(auto["inst_map"], unswitched["inst_map"]))
+        assert (tmp_path / "official" / f"{stem}.geojson").read_text() == (tmp_path / "by_hand" / f"{stem}.geojson").read_text()
+    assert changed > 0
+    refused = infer("refused", "--checkpoint", str(official_ckpt), "--official_normalization", "False", check=False)
+    assert refused.returncode != 0
+    assert "official CellVTA weights need official_normalization=True" in refused.stderr

@@ -15,39 +15,25 @@ From ``bundles/cellvta``::
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import run
 
 from .data.datasets import read_info
-from .data.prepare import synthetic
+from .workflows.configs import config_files
+from .workflows.demo_data import demo_dataset
 
-BUNDLE_DIR = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 # a CellVTA small enough to train in minutes on a 2-core CPU
 DEMO_NETWORK = {"backbone": "vit-t", "vit_kwargs": {"depth": 4}, "patch_size": 128}
 
 
-@contextmanager
-def _in_bundle_dir() -> Iterator[None]:
-    """The configs include ``configs/common.yaml`` by a path relative to the bundle folder."""
-    previous = Path.cwd()
-    os.chdir(BUNDLE_DIR)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def _workflow(run_id: str, configs: list[str], overrides: Mapping[str, Any]) -> None:
-    with _in_bundle_dir():
-        run(run_id=run_id, config_file=[f"configs/{c}" for c in configs], **overrides)
+def _workflow(run_id: str, overrides: Mapping[str, Any]) -> None:
+    run(run_id=run_id, config_file=config_files(run_id), **overrides)
 
 
 def _test_images(dataset_dir: Path, split: str) -> list[str]:
@@ -82,9 +68,7 @@ def main(
     """
     out_dir = Path(out).resolve()
     if dataset_dir is None:
-        data = out_dir / "data" / "synthetic"
-        print(f"no dataset given: writing a SYNTHETIC H&E-like demo dataset (not real tissue) to {data}")
-        synthetic(str(data), n=n_synthetic, size=synthetic_size)
+        data = Path(demo_dataset(str(out_dir / "data" / "synthetic"), n=n_synthetic, size=synthetic_size))
     else:
         data = Path(dataset_dir).resolve()
         read_info(data)
@@ -97,11 +81,11 @@ def main(
         **network,
     }
     started = time.perf_counter()
-    _workflow("training", ["train.yaml"], {**shared, "epochs": epochs, "progress_bar": False})
+    _workflow("training", {**shared, "epochs": epochs, "progress_bar": False})
     trained = time.perf_counter()
-    _workflow("evaluating", ["evaluate.yaml"], {**shared, "eval_split": test_split})
+    _workflow("evaluating", {**shared, "eval_split": test_split})
     images = _test_images(data, test_split)
-    _workflow("inferring", ["inference.yaml"], {**shared, "input_images": images})
+    _workflow("inferring", {**shared, "input_images": images})
     done = time.perf_counter()
 
     outputs = {
