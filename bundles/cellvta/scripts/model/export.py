@@ -17,10 +17,10 @@ and ``onnxruntime`` are needed only for these two.
 
 Command line, from ``bundles/cellvta``::
 
-    python -m scripts.model.export verify_net_io --config_file configs/inference.yaml
-    python -m scripts.model.export compare_torchscript --ts_file models/model.ts --config_file configs/inference.yaml
-    python -m scripts.model.export export_onnx --config_file configs/inference.yaml --onnx_file models/model.onnx
-    python -m scripts.model.export compare_onnx --onnx_file models/model.onnx --config_file configs/inference.yaml
+    python -m scripts.model.export verify_net_io --config_file "['configs/common.yaml','configs/inference.yaml']"
+    python -m scripts.model.export compare_torchscript --ts_file models/model.ts --config_file "['configs/common.yaml','configs/inference.yaml']"
+    python -m scripts.model.export export_onnx --config_file "['configs/common.yaml','configs/inference.yaml']" --onnx_file models/model.onnx
+    python -m scripts.model.export compare_onnx --onnx_file models/model.onnx --config_file "['configs/common.yaml','configs/inference.yaml']"
 """
 
 from __future__ import annotations
