@@ -17,7 +17,7 @@ For each slide:
 
    * ``<slide>.geojson``: QuPath detections (class name and colour, measurements);
    * ``<slide>.csv``: ``id, x, y`` (level-0 pixels), ``x_um, y_um``, ``type_id, type, probability, area_um2``;
-   * ``<slide>_embeddings.npy`` and ``<slide>_embedding_ids.npy`` (optional): one encoder token vector per nucleus;
+   * ``<slide>_embeddings.npy`` and ``<slide>_embedding_ids.npy`` (optional): per nucleus the mean of the network's 1/16 bottleneck map (``features``) under its box;
    * ``<slide>_overlay.png``: the thumbnail with every nucleus as a dot in its class colour;
    * ``<slide>.json``: the slide, the analysis settings, counts per class, written last (a slide with this file,
      the same settings and all its outputs is skipped when a cohort is run again; any other summary is deleted
@@ -84,6 +84,11 @@ class WSISettings:
         embeddings: write per-nucleus embeddings.
         exclude_pen_marks: leave pen marks out of the analysis (see :func:`.tissue.pen_mask`).
         pen_hue_min, pen_hue_max, pen_min_saturation, pen_max_black_value: what counts as ink.
+        stain_normalization: re-render tiles in target H&E stains (Macenko, :mod:`scripts.data.stain`) fitted once
+            per slide on its thumbnail's tissue.
+        stain_reference: an RGB image whose stains are the target (None: ``stain_vectors``).
+        stain_vectors, stain_max_concentrations: (3, 2) target stain vectors and (2,) concentrations (None:
+            Macenko's reference H&E).
     """
 
     target_mpp: float = 0.25
@@ -106,6 +111,10 @@ class WSISettings:
     pen_hue_max: int = 125
     pen_min_saturation: int = 120
     pen_max_black_value: int = 40
+    stain_normalization: bool = False
+    stain_reference: str | None = None
+    stain_vectors: Sequence[Sequence[float]] | None = None
+    stain_max_concentrations: Sequence[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -221,8 +230,9 @@ def _tile_batches(slide: Slide, geometry: SlideGeometry, grid: TileGrid, tiles: 
 
 def _predict_parts(slide: Slide, geometry: SlideGeometry, grid: TileGrid, todo: list[tuple[int, np.ndarray]],
                    parts: _Parts, predictor: Predictor, settings: WSISettings, pool: Executor | None,
-                   progress: tqdm) -> None:
-    """Run the predictor and post-processing over the tiles of the parts in ``todo`` and save each part."""
+                   progress: tqdm, stain: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """Run the predictor (on tiles re-stained by ``stain`` when given) and post-processing over the tiles of the
+    parts in ``todo`` and save each part."""
     if not todo:
         return
     tiles = np.concatenate([t for _, t in todo])
@@ -249,6 +259,8 @@ def _predict_parts(slide: Slide, geometry: SlideGeometry, grid: TileGrid, todo: 
     index = 0
     with ThreadPoolExecutor(settings.read_threads) as readers:
         for batch, origins, images in _tile_batches(slide, geometry, grid, tiles, settings.batch_size, readers):
+            if stain is not None:
+                images = np.stack([stain(image) for image in images])
             maps = predictor(images, origins)
             for i, (row, col) in enumerate(batch.tolist()):
                 job = TileMaps(row, col, maps.nuclei_prob[i], maps.hv_map[i], maps.type_map[i],
@@ -437,8 +449,9 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
         todo = [(k, t) for k, t in enumerate(chunks) if not parts.done(k)]
         progress = tqdm(total=len(tiles), initial=len(tiles) - sum(len(t) for _, t in todo), unit="tile",
                         desc=slide_path.name, position=position, dynamic_ncols=True, mininterval=1.0)
+        stain = _stain_normalizer(settings, thumbnail[mask]) if settings.stain_normalization and todo else None
         with progress:
-            _predict_parts(slide, geometry, grid, todo, parts, predictor, settings, pool, progress)
+            _predict_parts(slide, geometry, grid, todo, parts, predictor, settings, pool, progress, stain)
         view = _Thumbnail(thumbnail, thumb_scale, analysed, ink)
         counts = _assemble(parts, len(chunks), output_dir, name, geometry, view, class_names, settings.embeddings,
                            region)
@@ -456,6 +469,22 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
     write_text_atomic(summary_path, json.dumps(summary, indent=1))
     shutil.rmtree(parts.folder)
     return summary
+
+
+def _stain_normalizer(settings: WSISettings, tissue: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Macenko normalisation to the configured target, fitted on the slide's (N, 3) tissue pixels."""
+    from ..data.stain import REFERENCE_MAX_CONCENTRATIONS, REFERENCE_STAINS, MacenkoNormalizer  # imports torch
+
+    reference = None
+    if settings.stain_reference is not None:
+        image = cv2.imread(str(settings.stain_reference), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"{settings.stain_reference}: stain reference image not readable")
+        reference = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    normalizer = MacenkoNormalizer(settings.stain_vectors or REFERENCE_STAINS,
+                                   settings.stain_max_concentrations or REFERENCE_MAX_CONCENTRATIONS, reference)
+    normalizer.fit_source(tissue)  # too little tissue: each tile is estimated on its own
+    return normalizer
 
 
 def _covered(grid: TileGrid, tiles: np.ndarray, shape: tuple[int, int], scale: float) -> np.ndarray:
