@@ -4,8 +4,11 @@
 
 Which implementation runs is decided by ``implementation()``: the compiled kernels
 (``cellvta::ms_deform_attn``, built on first use) when they build and support the device,
-otherwise the pure-PyTorch reference, with one warning saying why. The environment variable
-``CELLVTA_MSDA_IMPL=reference|compiled`` forces one; forcing ``compiled`` raises if it cannot run.
+otherwise the pure-PyTorch reference, with one warning saying why. On CUDA the compiled op
+must first pass a self-check against the reference (``selfcheck``: once per process, a few
+milliseconds; ``CELLVTA_MSDA_SELF_CHECK=0`` skips it); if it fails, the reference runs for the
+rest of the process. The environment variable ``CELLVTA_MSDA_IMPL=reference|compiled`` forces
+one; forcing ``compiled`` raises if it cannot run or fails its self-check.
 Importing this package never compiles anything.
 """
 
@@ -16,8 +19,10 @@ import warnings
 
 import torch
 
-from .checks import prepare_inputs
+from . import selfcheck
+from .checks import check_levels, prepare_inputs
 from .reference import ms_deform_attn_reference
+from .selfcheck import SELF_CHECK_ENV
 
 IMPL_ENV = "CELLVTA_MSDA_IMPL"
 _CHOICES = ("auto", "compiled", "reference")
@@ -28,12 +33,13 @@ _warned: set[str] = set()
 def implementation(device_type: str = "cpu") -> str:
     """``"compiled"`` or ``"reference"``: what ``ms_deform_attn`` runs for tensors on ``device_type``.
 
-    Builds and loads the compiled library on its first call (cached afterwards).
+    Builds and loads the compiled library on its first call (cached afterwards) and, for the device
+    types ``selfcheck.checked_device_types()`` (CUDA by default), self-checks it once.
 
     Raises:
         ValueError: ``CELLVTA_MSDA_IMPL`` holds an unknown value.
-        custom_ops.build.BuildError: ``CELLVTA_MSDA_IMPL=compiled`` but the kernels cannot be built or
-            have no kernel for ``device_type``.
+        custom_ops.build.BuildError: ``CELLVTA_MSDA_IMPL=compiled`` but the kernels cannot be built,
+            have no kernel for ``device_type`` or fail their self-check there.
     """
     choice = os.environ.get(IMPL_ENV, "").strip().lower() or "auto"
     if choice not in _CHOICES:
@@ -46,6 +52,12 @@ def implementation(device_type: str = "cpu") -> str:
         build.load_library()
         if not torch._C._dispatch_has_kernel_for_dispatch_key("cellvta::ms_deform_attn", device_type.upper()):
             raise build.BuildError(f"the compiled MSDA library has no kernel for {device_type} tensors")
+        failure = selfcheck.failure(device_type)
+        if failure is not None:
+            raise build.BuildError(
+                f"the compiled kernel for {device_type} tensors failed its first-use self-check: {failure} "
+                f"(this process keeps the reference; {SELF_CHECK_ENV}=0 skips the check)"
+            )
     except build.BuildError as exc:
         if choice == "compiled":
             raise
@@ -68,7 +80,7 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Multi-scale deformable attention (bundles/cellvta/docs/architecture.md).
+    """Multi-scale deformable attention (cellvta_reference.md §3).
 
     Bilinear sampling equals ``grid_sample(mode="bilinear", padding_mode="zeros",
     align_corners=False)`` at ``grid = 2 * loc - 1``. Under ``torch.autocast`` half-precision
@@ -98,7 +110,9 @@ def ms_deform_attn(
         return out.to(value.dtype)
     args = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if implementation(device_type) == "compiled":
-        return torch.ops.cellvta.ms_deform_attn(*args)
+        return torch.ops.cellvta.ms_deform_attn(*args)  # checks the level layout in C++
+    if not torch.compiler.is_compiling():
+        check_levels(args[1], args[2], value.shape[1])
     return ms_deform_attn_reference(*args)
 
 
@@ -113,4 +127,4 @@ def _as_float32(t: torch.Tensor) -> torch.Tensor:
 
 from .module import MSDeformAttn  # noqa: E402  (the module needs ms_deform_attn defined)
 
-__all__ = ["IMPL_ENV", "MSDeformAttn", "implementation", "ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = ["IMPL_ENV", "SELF_CHECK_ENV", "MSDeformAttn", "implementation", "ms_deform_attn", "ms_deform_attn_reference"]

@@ -16,6 +16,9 @@ def prepare_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Check the inputs and return them contiguous, with int64 level tensors on value's device.
 
+    The level layout is not checked here: the compiled kernels check it themselves (in C++, also
+    under ``torch.compile``) and the reference path calls :func:`check_levels`.
+
     Args:
         value: ``(N, S, M, D)`` float32 or float64.
         spatial_shapes: ``(L, 2)`` integer ``(H, W)`` per level, all positive.
@@ -25,7 +28,7 @@ def prepare_inputs(
 
     Raises:
         TypeError: a non-tensor, a wrong or mixed dtype.
-        ValueError: inconsistent shapes, devices or level layout.
+        ValueError: inconsistent shapes or devices.
     """
     named = {
         "value": value,
@@ -43,7 +46,7 @@ def prepare_inputs(
         raise ValueError(
             f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got shape {tuple(sampling_locations.shape)}"
         )
-    n, s, m, _ = value.shape
+    n, _, m, _ = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
     if sampling_locations.shape[0] != n or sampling_locations.shape[2] != m:
         raise ValueError(
@@ -77,8 +80,6 @@ def prepare_inputs(
 
     spatial_shapes = spatial_shapes.to(device=value.device, dtype=torch.int64)
     level_start_index = level_start_index.to(device=value.device, dtype=torch.int64)
-    if not torch.compiler.is_compiling():
-        check_levels(spatial_shapes, level_start_index, s)
     return (
         value.contiguous(),
         spatial_shapes.contiguous(),
@@ -89,7 +90,10 @@ def prepare_inputs(
 
 
 def check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> None:
-    """Check that levels ``(L, 2)`` with starts ``(L,)`` tile the ``S`` values exactly, in order."""
+    """Check that levels ``(L, 2)`` with starts ``(L,)`` tile the ``S`` values exactly, in order.
+
+    The reference path's check; the compiled kernels run the same check in C++ (``check_inputs``).
+    """
     offset = 0
     for level, ((h, w), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
         if h <= 0 or w <= 0:

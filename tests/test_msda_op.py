@@ -14,6 +14,7 @@ import torch
 import custom_ops
 from custom_ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
 from custom_ops.checks import prepare_inputs
+from custom_ops.inputs import outputs_and_gradients, random_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,38 +26,6 @@ def compiled():
     assert custom_ops.implementation("cpu") == "compiled"
     yield
     os.environ.pop(custom_ops.IMPL_ENV, None)
-
-
-def make_inputs(
-    batch: int, heads: int, points: int, levels: list[tuple[int, int]], queries: int, dtype: torch.dtype, seed: int = 0
-) -> tuple[torch.Tensor, ...]:
-    """Random inputs; a quarter of the locations fall outside [0, 1] and a quarter exactly on pixel borders."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(levels, dtype=torch.int64)
-    sizes = shapes.prod(1)
-    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-    d = 8
-    value = torch.randn(batch, int(sizes.sum()), heads, d, generator=g, dtype=dtype)
-    loc = torch.rand(batch, queries, heads, len(levels), points, 2, generator=g, dtype=dtype) * 1.6 - 0.3
-    border = torch.rand(loc.shape[:-1], generator=g) < 0.25
-    for level, (h, w) in enumerate(levels):
-        # Pixel borders sit at k / W (x) and k / H (y), including 0 and 1 themselves.
-        kx = torch.randint(0, w + 1, loc.shape[:3] + (points,), generator=g).to(dtype) / w
-        ky = torch.randint(0, h + 1, loc.shape[:3] + (points,), generator=g).to(dtype) / h
-        sel = border[:, :, :, level]
-        loc[:, :, :, level, :, 0] = torch.where(sel, kx, loc[:, :, :, level, :, 0])
-        loc[:, :, :, level, :, 1] = torch.where(sel, ky, loc[:, :, :, level, :, 1])
-    weights = torch.rand(batch, queries, heads, len(levels), points, generator=g, dtype=dtype)
-    weights = weights / weights.sum((-1, -2), keepdim=True)
-    return value, shapes, starts, loc, weights
-
-
-def outputs_and_grads(fn, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    value, shapes, starts, loc, weights = (t.clone().requires_grad_(t.is_floating_point()) for t in inputs)
-    out = fn(value, shapes, starts, loc, weights)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    out.backward(grad)
-    return [out.detach(), value.grad, loc.grad, weights.grad]
 
 
 CASES = [
@@ -73,9 +42,9 @@ CASES = [
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}-m{c[1]}-p{c[2]}-l{len(c[3])}")
 def test_compiled_matches_reference_values_and_gradients(case, dtype, tol):
-    inputs = make_inputs(*case, dtype=dtype)
-    ours = outputs_and_grads(ms_deform_attn, inputs)
-    ref = outputs_and_grads(ms_deform_attn_reference, inputs)
+    inputs = random_inputs(*case, dtype=dtype)
+    ours = outputs_and_gradients(ms_deform_attn, inputs)
+    ref = outputs_and_gradients(ms_deform_attn_reference, inputs)
     for name, a, b in zip(("output", "grad value", "grad locations", "grad weights"), ours, ref):
         assert a.dtype == dtype
         scale = max(1.0, b.abs().max().item())
@@ -83,15 +52,17 @@ def test_compiled_matches_reference_values_and_gradients(case, dtype, tol):
 
 
 def test_locations_outside_every_level_give_zero_output_and_gradients():
-    value, shapes, starts, loc, weights = make_inputs(2, 2, 2, [(4, 4)], 3, torch.float64)
+    value, shapes, starts, loc, weights = random_inputs(2, 2, 2, [(4, 4)], 3, torch.float64)
     loc = loc.abs() + 1.5  # every sample more than a pixel beyond the right and bottom borders
-    out, grad_value, grad_loc, grad_weights = outputs_and_grads(ms_deform_attn, (value, shapes, starts, loc, weights))
+    out, grad_value, grad_loc, grad_weights = outputs_and_gradients(
+        ms_deform_attn, (value, shapes, starts, loc, weights)
+    )
     assert out.abs().max() == 0 and grad_value.abs().max() == 0
     assert grad_loc.abs().max() == 0 and grad_weights.abs().max() == 0
 
 
 def test_gradcheck_float64():
-    value, shapes, starts, loc, weights = make_inputs(2, 2, 2, [(3, 4), (2, 2)], 3, torch.float64, seed=3)
+    value, shapes, starts, loc, weights = random_inputs(2, 2, 2, [(3, 4), (2, 2)], 3, torch.float64, seed=3)
     loc = loc.clamp(0.05, 0.95)  # away from pixel borders, where bilinear sampling is not differentiable
     args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), weights.requires_grad_())
     assert torch.autograd.gradcheck(ms_deform_attn, args, eps=1e-6, atol=1e-8)
@@ -99,7 +70,7 @@ def test_gradcheck_float64():
 
 def test_opcheck_schema_fake_and_autograd():
     for case in CASES[:3]:
-        value, shapes, starts, loc, weights = make_inputs(*case, dtype=torch.float32)
+        value, shapes, starts, loc, weights = random_inputs(*case, dtype=torch.float32)
         args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), weights.requires_grad_())
         torch.library.opcheck(torch.ops.cellvta.ms_deform_attn.default, args)
 
@@ -128,7 +99,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_autocast_bfloat16_computes_in_float32():
-    value, shapes, starts, loc, weights = make_inputs(1, 8, 4, [(8, 8), (4, 4)], 6, torch.float32)
+    value, shapes, starts, loc, weights = random_inputs(1, 8, 4, [(8, 8), (4, 4)], 6, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ms_deform_attn(value.bfloat16(), shapes, starts, loc.bfloat16(), weights.bfloat16())
     assert out.dtype == torch.float32
@@ -159,13 +130,13 @@ def test_module_offsets_start_on_the_deformable_detr_grid():
     ],
 )
 def test_bad_inputs_are_refused_with_a_clear_error(change, error, message):
-    args = change(make_inputs(2, 4, 2, [(4, 4), (2, 2)], 5, torch.float32))
+    args = change(random_inputs(2, 4, 2, [(4, 4), (2, 2)], 5, torch.float32))
     with pytest.raises(error, match=message):
         ms_deform_attn(*args)
 
 
 def test_half_precision_inputs_compute_in_float32_and_keep_their_dtype():
-    value, shapes, starts, loc, weights = make_inputs(2, 4, 2, [(4, 4), (2, 2)], 5, torch.float32)
+    value, shapes, starts, loc, weights = random_inputs(2, 4, 2, [(4, 4), (2, 2)], 5, torch.float32)
     out = ms_deform_attn(value.bfloat16(), shapes, starts, loc.bfloat16(), weights.bfloat16())
     expected = ms_deform_attn_reference(value.bfloat16().float(), shapes, starts, loc.bfloat16().float(),
                                         weights.bfloat16().float())
@@ -174,7 +145,7 @@ def test_half_precision_inputs_compute_in_float32_and_keep_their_dtype():
 
 
 def test_non_contiguous_inputs_are_handled():
-    value, shapes, starts, loc, weights = make_inputs(2, 4, 2, [(4, 4), (2, 2)], 5, torch.float64)
+    value, shapes, starts, loc, weights = random_inputs(2, 4, 2, [(4, 4), (2, 2)], 5, torch.float64)
     value_nc = value.transpose(0, 1).contiguous().transpose(0, 1)
     loc_nc = loc.transpose(1, 2).contiguous().transpose(1, 2)
     assert not value_nc.is_contiguous() and not loc_nc.is_contiguous()
@@ -183,10 +154,27 @@ def test_non_contiguous_inputs_are_handled():
 
 
 def test_the_kernel_itself_refuses_bad_levels():
-    """The C++ checks hold even when the Python checks are bypassed."""
-    value, shapes, starts, loc, weights = prepare_inputs(*make_inputs(1, 2, 2, [(4, 4)], 3, torch.float32))
-    with pytest.raises(RuntimeError, match="describe"):
+    """The layout check lives in the kernels (C++), shared by CPU and CUDA: it holds without any Python check."""
+    value, shapes, starts, loc, weights = prepare_inputs(*random_inputs(1, 2, 2, [(4, 4), (2, 2)], 3, torch.float32))
+    with pytest.raises(ValueError, match="describe 20 values but value has S = 19"):
         torch.ops.cellvta.ms_deform_attn(value[:, :-1].contiguous(), shapes, starts, loc, weights)
+    with pytest.raises(ValueError, match=r"level_start_index\[1\] is 15 but the preceding levels"):
+        torch.ops.cellvta.ms_deform_attn(value, shapes, starts - torch.tensor([0, 1]), loc, weights)
+    with pytest.raises(ValueError, match=r"spatial_shapes\[0\] must be positive"):
+        torch.ops.cellvta.ms_deform_attn(value, shapes * torch.tensor([[0, 1], [1, 1]]), starts, loc, weights)
+    grad = torch.zeros(1, 3, 16)
+    with pytest.raises(ValueError, match="level_start_index"):
+        torch.ops.cellvta.ms_deform_attn_backward(grad, value, shapes, starts + 1, loc, weights)
+
+
+def test_layout_check_runs_under_torch_compile():
+    """Inside torch.compile the Python checks are traced away; the kernel's own check still refuses bad levels."""
+    value, shapes, starts, loc, weights = random_inputs(1, 2, 2, [(4, 4), (2, 2)], 3, torch.float32)
+    compiled_op = torch.compile(ms_deform_attn, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled_op(value, shapes, starts, loc, weights),
+                               ms_deform_attn_reference(value, shapes, starts, loc, weights), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="level_start_index"):
+        compiled_op(value, shapes, starts + 1, loc, weights)
 
 
 def _run(code: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -236,21 +224,85 @@ def _cuda_toolkit() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.cuda
-def test_cuda_kernels_compile(tmp_path):
+def test_cuda_kernels_compile():
+    """nvcc compiles the CUDA kernels (no GPU needed). The build folder persists under the torch extensions
+    folder, so only the first run after a source change compiles (minutes); later runs take seconds."""
     home = _cuda_toolkit()
     if home is None:
         pytest.skip("nvcc or a CUDA-enabled torch build is absent: the CUDA kernels cannot be compiled here")
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     code = (
         "import sys, torch\n"
         "from custom_ops import build\n"
-        "path = build.build(cuda=True, build_directory=sys.argv[1] if len(sys.argv) > 1 else None)\n"
+        "path = build.build(cuda=True, build_directory=sys.argv[1])\n"
         "assert torch._C._dispatch_has_kernel_for_dispatch_key('cellvta::ms_deform_attn', 'CUDA')\n"
         "assert torch._C._dispatch_has_kernel_for_dispatch_key('cellvta::ms_deform_attn_backward', 'CUDA')\n"
         "print('built', path)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-c", code, str(cache / "cellvta_cuda_compile_test")], cwd=REPO, capture_output=True,
+        text=True, timeout=900,
         env={**os.environ, "CUDA_HOME": home, "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0")},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "built" in result.stdout
+
+
+def test_self_check_passes_for_the_real_kernel_and_is_configured_by_the_environment(monkeypatch):
+    from custom_ops import selfcheck
+
+    assert selfcheck.compare(torch.device("cpu")) is None
+    monkeypatch.delenv(custom_ops.SELF_CHECK_ENV, raising=False)
+    assert selfcheck.checked_device_types() == {"cuda"}
+    monkeypatch.setenv(custom_ops.SELF_CHECK_ENV, " cpu, cuda ")
+    assert selfcheck.checked_device_types() == {"cpu", "cuda"}
+    monkeypatch.setenv(custom_ops.SELF_CHECK_ENV, "0")
+    assert selfcheck.checked_device_types() == frozenset()
+
+
+# A kernel with the sampling-coordinate drift this check exists for (loc * size instead of
+# loc * size - 0.5), registered for the CPU in place of the real one.
+_DRIFTED_KERNEL = (
+    "import os, warnings, torch, custom_ops\n"
+    "from custom_ops import build\n"
+    "build.load_library()\n"
+    "def drifted(value, shapes, starts, loc, weights):\n"
+    "    size = shapes.flip(-1).to(loc.dtype)[None, None, None, :, None, :]\n"
+    "    return custom_ops.ms_deform_attn_reference(value, shapes, starts, loc + 0.5 / size, weights)\n"
+    "lib = torch.library.Library('cellvta', 'IMPL')\n"
+    "with warnings.catch_warnings():\n"
+    "    warnings.simplefilter('ignore')\n"
+    "    lib.impl('ms_deform_attn', drifted, 'CPU')\n"
+    "v = torch.randn(1, 20, 2, 4); s = torch.tensor([[4, 4], [2, 2]]); st = torch.tensor([0, 16])\n"
+    "loc = torch.rand(1, 6, 2, 2, 2, 2); w = torch.rand(1, 6, 2, 2, 2)\n"
+    "expected = custom_ops.ms_deform_attn_reference(v, s, st, loc, w)\n"
+    "with warnings.catch_warnings(record=True) as caught:\n"
+    "    warnings.simplefilter('always')\n"
+    "    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):\n"
+    "        first = custom_ops.ms_deform_attn(v, s, st, loc, w)\n"
+    "    second = custom_ops.ms_deform_attn(v, s, st, loc, w)\n"
+    "msgs = [str(c.message) for c in caught if 'MSDA' in str(c.message)]\n"
+    "print('warnings', len(msgs), msgs)\n"
+    "print('impl', custom_ops.implementation('cpu'))\n"
+    "print('first', (first - expected).abs().max().item(), 'second', (second - expected).abs().max().item())\n"
+    "os.environ[custom_ops.IMPL_ENV] = 'compiled'\n"
+    "try:\n"
+    "    custom_ops.implementation('cpu')\n"
+    "except build.BuildError as exc:\n"
+    "    print('forced raises', 'self-check' in str(exc))\n"
+)
+
+
+def test_self_check_disagreement_warns_once_and_keeps_the_reference():
+    result = _run(_DRIFTED_KERNEL, {custom_ops.IMPL_ENV: "auto", custom_ops.SELF_CHECK_ENV: "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["warnings"].startswith("1 "), result.stdout
+    assert "failed its first-use self-check" in lines["warnings"]
+    assert "output differs from the grid_sample reference" in lines["warnings"]
+    assert f"{custom_ops.SELF_CHECK_ENV}=0" in lines["warnings"]
+    assert lines["impl"] == "reference"
+    first, second = (float(x) for x in lines["first"].split(" second "))
+    assert first <= 1e-6 and second <= 1e-6  # the reference ran, also for the first call
+    assert lines["forced"] == "raises True"
+

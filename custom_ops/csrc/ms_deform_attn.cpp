@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -26,53 +25,58 @@
 
 namespace cellvta {
 
-void check_common(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ", sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.dim() == 5, "ms_deform_attn: attention_weights must be (N, Lq, M, L, P), got ",
-              attention_weights.sizes());
+  TORCH_CHECK_VALUE(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
+  TORCH_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+                    "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ", sampling_locations.sizes());
+  TORCH_CHECK_VALUE(attention_weights.dim() == 5, "ms_deform_attn: attention_weights must be (N, Lq, M, L, P), got ",
+                    attention_weights.sizes());
   const int64_t n = value.size(0), m = value.size(2);
-  const int64_t levels = sampling_locations.size(3), points = sampling_locations.size(4);
-  TORCH_CHECK(sampling_locations.size(0) == n && sampling_locations.size(2) == m,
-              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(), " do not match value ", value.sizes());
-  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights ", attention_weights.sizes(), " do not match sampling_locations ",
-              sampling_locations.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == levels && spatial_shapes.size(1) == 2,
-              "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", levels, ", got ", spatial_shapes.sizes());
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == levels,
-              "ms_deform_attn: level_start_index must be (L,) with L = ", levels, ", got ", level_start_index.sizes());
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
-              "ms_deform_attn: spatial_shapes and level_start_index must be int64");
-  TORCH_CHECK(value.scalar_type() == sampling_locations.scalar_type() &&
-                  value.scalar_type() == attention_weights.scalar_type(),
-              "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype");
-  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-              "ms_deform_attn: float32 or float64 expected, got ", value.scalar_type());
-  TORCH_CHECK(value.is_contiguous() && sampling_locations.is_contiguous() && attention_weights.is_contiguous() &&
-                  spatial_shapes.is_contiguous() && level_start_index.is_contiguous(),
-              "ms_deform_attn: inputs must be contiguous");
+  const int64_t levels = sampling_locations.size(3);
+  TORCH_CHECK_VALUE(sampling_locations.size(0) == n && sampling_locations.size(2) == m,
+                    "ms_deform_attn: sampling_locations ", sampling_locations.sizes(), " do not match value ",
+                    value.sizes());
+  TORCH_CHECK_VALUE(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+                    "ms_deform_attn: attention_weights ", attention_weights.sizes(),
+                    " do not match sampling_locations ", sampling_locations.sizes());
+  TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == levels && spatial_shapes.size(1) == 2,
+                    "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", levels, ", got ",
+                    spatial_shapes.sizes());
+  TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == levels,
+                    "ms_deform_attn: level_start_index must be (L,) with L = ", levels, ", got ",
+                    level_start_index.sizes());
+  TORCH_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
+                   "ms_deform_attn: spatial_shapes and level_start_index must be int64");
+  TORCH_CHECK_TYPE(value.scalar_type() == sampling_locations.scalar_type() &&
+                       value.scalar_type() == attention_weights.scalar_type(),
+                   "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype");
+  TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
+                   "ms_deform_attn: float32 or float64 expected, got ", value.scalar_type());
+  for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {
+    TORCH_CHECK_VALUE(t->device() == value.device(), "ms_deform_attn: every input must be on value's device ",
+                      value.device(), ", got one on ", t->device());
+  }
+  TORCH_CHECK_VALUE(value.is_contiguous() && sampling_locations.is_contiguous() && attention_weights.is_contiguous() &&
+                        spatial_shapes.is_contiguous() && level_start_index.is_contiguous(),
+                    "ms_deform_attn: inputs must be contiguous");
+  // The level layout, read on the host (one small copy when the tensors live on a device).
+  const at::Tensor layout = at::cat({spatial_shapes.flatten(), level_start_index}).to(at::kCPU);
+  const int64_t* shapes = layout.data_ptr<int64_t>();
+  const int64_t* starts = shapes + 2 * levels;
+  int64_t offset = 0;
+  for (int64_t l = 0; l < levels; ++l) {
+    TORCH_CHECK_VALUE(shapes[2 * l] > 0 && shapes[2 * l + 1] > 0, "ms_deform_attn: spatial_shapes[", l,
+                      "] must be positive, got (", shapes[2 * l], ", ", shapes[2 * l + 1], ")");
+    TORCH_CHECK_VALUE(starts[l] == offset, "ms_deform_attn: level_start_index[", l, "] is ", starts[l],
+                      " but the preceding levels of spatial_shapes end at ", offset);
+    offset += shapes[2 * l] * shapes[2 * l + 1];
+  }
+  TORCH_CHECK_VALUE(offset == value.size(1), "ms_deform_attn: spatial_shapes describe ", offset,
+                    " values but value has S = ", value.size(1));
 }
 
 namespace {
-
-// Checks that the levels tile value's S axis exactly, so no index can leave the tensor.
-void check_levels_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index) {
-  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
-  const int64_t* starts = level_start_index.data_ptr<int64_t>();
-  int64_t offset = 0;
-  for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
-    TORCH_CHECK(shapes[2 * l] > 0 && shapes[2 * l + 1] > 0, "ms_deform_attn: spatial_shapes[", l,
-                "] must be positive, got (", shapes[2 * l], ", ", shapes[2 * l + 1], ")");
-    TORCH_CHECK(starts[l] == offset, "ms_deform_attn: level_start_index[", l, "] is ", starts[l],
-                " but the preceding levels of spatial_shapes end at ", offset);
-    offset += shapes[2 * l] * shapes[2 * l + 1];
-  }
-  TORCH_CHECK(offset == value.size(1), "ms_deform_attn: spatial_shapes describe ", offset,
-              " values but value has S = ", value.size(1));
-}
 
 struct Geometry {
   int64_t n, s, m, d, lq, levels, points;
@@ -91,41 +95,6 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& spatial_shapes, con
           sampling_locations.size(4),
           spatial_shapes.data_ptr<int64_t>(),
           level_start_index.data_ptr<int64_t>()};
-}
-
-// The four neighbours of one sampling location; corner c has row offset `row[c]` within its
-// level and bilinear weight `weight[c]`, or row -1 when it lies outside the level.
-template <typename T>
-struct Corners {
-  int64_t row[4];
-  T weight[4];
-  T lh, lw, hh, hw;
-};
-
-template <typename T>
-CELLVTA_INLINE bool locate(T x, T y, int64_t height, int64_t width, Corners<T>& c) {
-  // grid_sample's unnormalisation (align_corners=False) of grid = 2 * loc - 1.
-  const T h = (T(2) * y - T(1) + T(1)) * (T(height) / T(2)) - T(0.5);
-  const T w = (T(2) * x - T(1) + T(1)) * (T(width) / T(2)) - T(0.5);
-  if (!(h >= T(-1) && w >= T(-1) && h < T(height) && w < T(width))) {
-    return false;  // also rejects NaN
-  }
-  const T h_floor = std::floor(h), w_floor = std::floor(w);
-  const int64_t h0 = static_cast<int64_t>(h_floor), w0 = static_cast<int64_t>(w_floor);
-  c.lh = h - h_floor;
-  c.lw = w - w_floor;
-  c.hh = T(1) - c.lh;
-  c.hw = T(1) - c.lw;
-  const bool top = h0 >= 0, bottom = h0 + 1 < height, left = w0 >= 0, right = w0 + 1 < width;
-  c.row[0] = top && left ? h0 * width + w0 : -1;
-  c.row[1] = top && right ? h0 * width + w0 + 1 : -1;
-  c.row[2] = bottom && left ? (h0 + 1) * width + w0 : -1;
-  c.row[3] = bottom && right ? (h0 + 1) * width + w0 + 1 : -1;
-  c.weight[0] = c.hh * c.hw;
-  c.weight[1] = c.hh * c.lw;
-  c.weight[2] = c.lh * c.hw;
-  c.weight[3] = c.lh * c.lw;
-  return true;
 }
 
 template <typename T>
@@ -256,8 +225,7 @@ int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 16384 / std::
 
 at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  check_common(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_levels_cpu(value, spatial_shapes, level_start_index);
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Geometry g = geometry(value, spatial_shapes, level_start_index, sampling_locations);
   at::Tensor out = at::empty({g.n, g.lq, g.m * g.d}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
@@ -274,8 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& level_start_index,
                                                             const at::Tensor& sampling_locations,
                                                             const at::Tensor& attention_weights) {
-  check_common(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_levels_cpu(value, spatial_shapes, level_start_index);
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Geometry g = geometry(value, spatial_shapes, level_start_index, sampling_locations);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.lq, g.m * g.d}) &&
                   grad_output.scalar_type() == value.scalar_type() && grad_output.is_contiguous(),

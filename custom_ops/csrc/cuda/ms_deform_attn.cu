@@ -1,6 +1,7 @@
 // Multi-scale deformable attention: CUDA kernels, registered for the CUDA dispatch key.
 //
-// Same shapes and sampling semantics as the CPU kernels in ../ms_deform_attn.cpp.
+// Same shapes as the CPU kernels in ../ms_deform_attn.cpp; the input checks (check_inputs) and the
+// sampling coordinate (locate) come from ../ms_deform_attn.h, shared with them.
 // Forward: one thread per output element (n, q, m, channel). Backward: one thread per sample
 // (n, q, m, level, point); it owns that sample's location and weight gradients and adds its
 // contribution to grad_value with atomics.
@@ -17,31 +18,6 @@ namespace cellvta {
 namespace {
 
 constexpr int kThreads = 256;
-
-// Bilinear corners of normalised (x, y) in a level of size (height, width); false when the
-// sample reads only zeros (grid_sample, zero padding, align_corners=False).
-template <typename T>
-__device__ __forceinline__ bool corners(T x, T y, int64_t height, int64_t width, int64_t row[4], T weight[4], T& lh,
-                                        T& lw) {
-  const T h = y * T(height) - T(0.5);
-  const T w = x * T(width) - T(0.5);
-  if (!(h >= T(-1) && w >= T(-1) && h < T(height) && w < T(width))) return false;  // also rejects NaN
-  const T hf = floor(h), wf = floor(w);
-  const int64_t h0 = static_cast<int64_t>(hf), w0 = static_cast<int64_t>(wf);
-  lh = h - hf;
-  lw = w - wf;
-  const T hh = T(1) - lh, hw = T(1) - lw;
-  const bool top = h0 >= 0, bottom = h0 + 1 < height, left = w0 >= 0, right = w0 + 1 < width;
-  row[0] = top && left ? h0 * width + w0 : -1;
-  row[1] = top && right ? h0 * width + w0 + 1 : -1;
-  row[2] = bottom && left ? (h0 + 1) * width + w0 : -1;
-  row[3] = bottom && right ? (h0 + 1) * width + w0 + 1 : -1;
-  weight[0] = hh * hw;
-  weight[1] = hh * lw;
-  weight[2] = lh * hw;
-  weight[3] = lh * lw;
-  return true;
-}
 
 template <typename T>
 __global__ void forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ shapes,
@@ -62,12 +38,11 @@ __global__ void forward_kernel(const T* __restrict__ value, const int64_t* __res
       const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
       const T* level = value + ((b * s + starts[l]) * m + head) * d + c;
       for (int64_t p = 0; p < points; ++p, loc += 2, ++attn) {
-        int64_t row[4];
-        T weight[4], lh, lw;
-        if (!corners(loc[0], loc[1], height, width, row, weight, lh, lw)) continue;
+        Corners<T> cn;
+        if (!locate(loc[0], loc[1], height, width, cn)) continue;
         T sample = T(0);
         for (int k = 0; k < 4; ++k) {
-          if (row[k] >= 0) sample += weight[k] * level[row[k] * m * d];
+          if (cn.row[k] >= 0) sample += cn.weight[k] * level[cn.row[k] * m * d];
         }
         acc += *attn * sample;
       }
@@ -92,9 +67,8 @@ __global__ void backward_kernel(const T* __restrict__ grad_out, const T* __restr
     const int64_t b = nqm / (m * lq);
     const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
     const T attn = weights[idx];
-    int64_t row[4];
-    T weight[4], lh, lw;
-    if (!corners(locations[2 * idx], locations[2 * idx + 1], height, width, row, weight, lh, lw)) {
+    Corners<T> cn;
+    if (!locate(locations[2 * idx], locations[2 * idx + 1], height, width, cn)) {
       grad_locations[2 * idx] = grad_locations[2 * idx + 1] = grad_weights[idx] = T(0);
       continue;
     }
@@ -102,19 +76,19 @@ __global__ void backward_kernel(const T* __restrict__ grad_out, const T* __restr
     const int64_t offset = ((b * s + starts[l]) * m + head) * d;
     T dot[4] = {T(0), T(0), T(0), T(0)};
     for (int k = 0; k < 4; ++k) {
-      if (row[k] < 0) continue;
-      const T* v = value + offset + row[k] * m * d;
-      T* gv = grad_value + offset + row[k] * m * d;
-      const T scale = attn * weight[k];
+      if (cn.row[k] < 0) continue;
+      const T* v = value + offset + cn.row[k] * m * d;
+      T* gv = grad_value + offset + cn.row[k] * m * d;
+      const T scale = attn * cn.weight[k];
       for (int64_t c = 0; c < d; ++c) {
         dot[k] += go[c] * v[c];
         atomicAdd(gv + c, scale * go[c]);
       }
     }
-    const T hh = T(1) - lh, hw = T(1) - lw;
-    grad_weights[idx] = weight[0] * dot[0] + weight[1] * dot[1] + weight[2] * dot[2] + weight[3] * dot[3];
-    grad_locations[2 * idx] = attn * (hh * (dot[1] - dot[0]) + lh * (dot[3] - dot[2])) * T(width);
-    grad_locations[2 * idx + 1] = attn * (hw * (dot[2] - dot[0]) + lw * (dot[3] - dot[1])) * T(height);
+    grad_weights[idx] =
+        cn.weight[0] * dot[0] + cn.weight[1] * dot[1] + cn.weight[2] * dot[2] + cn.weight[3] * dot[3];
+    grad_locations[2 * idx] = attn * (cn.hh * (dot[1] - dot[0]) + cn.lh * (dot[3] - dot[2])) * T(width);
+    grad_locations[2 * idx + 1] = attn * (cn.hw * (dot[2] - dot[0]) + cn.lw * (dot[3] - dot[1])) * T(height);
   }
 }
 
@@ -124,7 +98,7 @@ int blocks_for(int64_t total) {
 
 at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                         const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  check_common(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
   const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
   const int64_t lq = sampling_locations.size(1), levels = sampling_locations.size(3),
@@ -147,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                              const at::Tensor& level_start_index,
                                                              const at::Tensor& sampling_locations,
                                                              const at::Tensor& attention_weights) {
-  check_common(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
   const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
   const int64_t lq = sampling_locations.size(1), levels = sampling_locations.size(3),
