@@ -585,3 +585,23 @@ def test_corrected_monai_agrees_with_stock_monai_and_with_cellvit(fixture_maps):
         assert nuclei.centroids.tolist() == [literal[k]["centroid"] for k in nuclei.ids.tolist()]
         pqs.append(binary_pq(fixture_maps["ref_inst"][i], out["inst_map"][0]))
     assert np.mean(pqs) > 0.9
+
+
+def test_presets_from_a_config_reproduce_the_defaults_and_change_the_result(fixture_maps):
+    from scripts.nuclei.postprocess import MAGNIFICATION_PRESETS, PostProcessSettings, postprocess_settings
+
+    prob, hv, types = fixture_maps["nuclei_prob"][0], fixture_maps["hv32"][0], fixture_maps["tp_prob"][0]
+    expected, _ = hovernet_postprocess(prob, hv, types)
+    as_yaml = {"40": {"mask_threshold": 0.5, "mask_min_size": 10, "sobel_kernel_size": 21, "marker_threshold": 0.4,
+                      "marker_opening_size": 5, "marker_min_size": 10}}
+    assert postprocess_settings(40, as_yaml) == MAGNIFICATION_PRESETS[40] == PostProcessSettings()
+    assert postprocess_settings(20) == PostProcessSettings(sobel_kernel_size=11, marker_min_size=3)
+    np.testing.assert_array_equal(hovernet_postprocess(prob, hv, types, 40, as_yaml)[0], expected)
+    strict = {"40": {**as_yaml["40"], "mask_threshold": 0.9}}
+    stricter, _ = hovernet_postprocess(prob, hv, types, 40, strict)
+    assert 0 < (stricter > 0).sum() < (expected > 0).sum()
+    np.testing.assert_array_equal(stricter, literal_instance_map(np.where(prob >= 0.9, prob, 0.0), hv))
+    with pytest.raises(ValueError, match=r"preset 40: unknown settings \['blur'\]"):
+        postprocess_settings(40, {40: {"blur": 3}})
+    with pytest.raises(ValueError, match=r"magnification must be one of \[40\], got 20"):
+        HoVerNetPostProcessingd(magnification=20, presets=as_yaml)

@@ -264,3 +264,22 @@ def test_dataloader_batches_from_the_synthetic_layout(tmp_path):
     terms = CellVTALoss().compute(pred, batch)
     assert terms["tissue_ce"].item() == pytest.approx(np.log(2), rel=1e-5)
     assert terms["hv_mse"].item() == pytest.approx(float((batch["hv_map"] ** 2).mean()), rel=1e-5)
+
+
+def test_augmentation_parameters_come_from_one_table_and_reject_unknown_names():
+    from scripts.data.transforms import AUGMENTATION, augmentation_params
+
+    assert augmentation_params(None) == AUGMENTATION
+    changed = {"color_jitter": {"prob": 0.7, "hue": 0.0}, "elastic": {"spacing_fraction": 0.5}}
+    ops = augmentations(64, augmentation=changed)
+    jitter = next(op for op in ops if type(op).__name__ == "RandColorJitterd")
+    assert jitter.prob == 0.7
+    assert jitter.inner.ranges == {"brightness": 0.25, "contrast": 0.25, "saturation": 0.1, "hue": 0.0}
+    elastic = next(op for op in ops if type(op).__name__ == "Rand2DElasticd")
+    assert tuple(elastic.rand_2d_elastic.deform_grid.spacing) == (32, 32) and elastic.prob == 0.2
+    noise = next(op for op in ops if type(op).__name__ == "RandGaussianNoised")
+    assert noise.rand_gaussian_noise.std == pytest.approx(10**0.5 / 255, rel=1e-12)
+    with pytest.raises(ValueError, match=r"unknown augmentation 'blur'"):
+        augmentations(64, augmentation={"blur": {"prob": 1.0}})
+    with pytest.raises(ValueError, match=r"augmentation#flip: unknown parameters \['axis'\]"):
+        augmentations(64, augmentation={"flip": {"axis": 1}})

@@ -37,6 +37,9 @@ import cv2
 import numpy as np
 from monai.utils import optional_import
 
+from ..nuclei.primitives import class_histogram, vote_types
+from ..nuclei.primitives import relabel_sequential as relabel_sequential  # the converters' relabelling
+
 tifffile, _has_tifffile = optional_import("tifffile")
 
 DATASET_JSON = "dataset.json"
@@ -229,28 +232,19 @@ def check_labels(
 
 
 def instance_types(inst_map: np.ndarray, type_map: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ids (N,) of the instances in (H, W) ``inst_map`` and their class (N,): the majority class of their pixels."""
-    fg = inst_map > 0
-    code = inst_map[fg].astype(np.int64) * num_classes + type_map[fg]
-    codes, counts = np.unique(code, return_counts=True)
-    ids, types = codes // num_classes, codes % num_classes
-    order = np.lexsort((-counts, ids))
-    first = np.r_[True, ids[order][1:] != ids[order][:-1]][: ids.size]
-    return ids[order][first], types[order][first]
+    """Ids (N,) of the instances in (H, W) ``inst_map`` and their class (N,) by the project's type vote
+    (:func:`scripts.nuclei.primitives.vote_types`: background only when no pixel has a foreground class)."""
+    fg = np.flatnonzero(inst_map)
+    labels = inst_map.ravel()[fg]
+    ids = np.unique(labels)
+    counts = class_histogram(labels, type_map.ravel()[fg].astype(np.int64), num_classes, ids)
+    return ids, vote_types(counts)
 
 
 def cell_counts(inst_map: np.ndarray, type_map: np.ndarray, num_classes: int) -> list[int]:
     """Number of nuclei per class id (length ``num_classes``; index 0 counts nuclei typed background)."""
     _, types = instance_types(inst_map, type_map, num_classes)
     return np.bincount(types, minlength=num_classes).astype(int).tolist()
-
-
-def relabel_sequential(inst_map: np.ndarray) -> np.ndarray:
-    """Map the instance ids of (H, W) to 1..N in ascending order of the original ids (0 stays 0)."""
-    ids, inverse = np.unique(inst_map, return_inverse=True)
-    if ids[0] != 0:
-        inverse = inverse + 1
-    return inverse.reshape(inst_map.shape).astype(np.int32)
 
 
 class DatasetWriter:

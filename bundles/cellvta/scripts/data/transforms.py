@@ -171,21 +171,6 @@ class ComputeHVMaps(Transform):
         return hv_maps(np.rint(convert_to_numpy(inst_map)).astype(np.int64))
 
 
-class ComputeHVMapsd(MapTransform):
-    """Dictionary version of :class:`ComputeHVMaps`: ``hv_key`` = HV maps of ``keys``' instance map."""
-
-    def __init__(self, keys: KeysCollection = "inst_map", hv_key: str = "hv_map") -> None:
-        super().__init__(keys)
-        self.hv_key = hv_key
-        self.hv = ComputeHVMaps()
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[self.hv_key] = self.hv(d[key])
-        return d
-
-
 class NucleiTargetsd(MapTransform):
     """Training targets from the (augmented) instance map, type map and tissue label.
 
@@ -504,37 +489,115 @@ def _geometric_keys(with_types: bool) -> tuple[list[str], tuple[str, ...], tuple
     return keys, modes, padding
 
 
-def augmentations(size: int = 256, with_types: bool = True, superpixels: bool = True, zoom_blur: bool = True) -> list:
-    """The augmentations of the CellVTA recipe (reference section 6.3), in its order.
+#: The augmentations of the CellVTA recipe (reference section 6.3), in the order they run, with their parameters;
+#: ``configs/train.yaml`` (``augmentation``) states every value. Geometric ones act on image, instance and type maps.
+#:
+#: * ``rotate90``: ``prob``, ``max_k`` quarter turns; ``flip``: ``prob`` per axis (horizontal, then vertical);
+#: * ``gaussian_smooth``: ``prob``, ``sigma`` range (albumentations' box blur as a Gaussian of equal spread);
+#: * ``gaussian_noise``: ``prob``, ``variance`` in 8-bit intensity units (std ``sqrt(variance) / 255`` on [0, 1]),
+#:   the std of each draw uniform in [0, that];
+#: * ``color_jitter``: ``prob``, ``brightness``, ``contrast``, ``saturation``, ``hue`` (:class:`RandColorJitter`);
+#: * ``superpixels``: ``prob``, ``p_replace``, ``n_segments``, ``max_size_fraction`` of the tile side
+#:   (:class:`RandSuperpixels`);
+#: * ``zoom_blur``: ``prob``, ``max_factor``, ``step`` (:class:`RandZoomBlur`);
+#: * ``sized_crop``: ``prob``, ``side_range`` (:class:`RandSizedCrop`);
+#: * ``elastic``: ``prob``, ``spacing_fraction`` of the tile side, ``magnitude_range``, ``rotate_range``,
+#:   ``shear_range``, ``translate_range`` (px), ``scale_range`` (MONAI's Rand2DElastic standing in for the
+#:   albumentations 1.3 ElasticTransform, mostly a random affine).
+AUGMENTATION: dict[str, dict[str, object]] = {
+    "rotate90": {"prob": 0.2, "max_k": 3},
+    "flip": {"prob": 0.2},
+    "gaussian_smooth": {"prob": 0.2, "sigma": (0.8, 2.6)},
+    "gaussian_noise": {"prob": 0.5, "variance": 10.0},
+    "color_jitter": {"prob": 0.2, "brightness": 0.25, "contrast": 0.25, "saturation": 0.1, "hue": 0.05},
+    "superpixels": {"prob": 0.1, "p_replace": 0.1, "n_segments": 200, "max_size_fraction": 0.5},
+    "zoom_blur": {"prob": 0.1, "max_factor": 1.05, "step": (0.01, 0.03)},
+    "sized_crop": {"prob": 0.2, "side_range": (0.5, 1.0)},
+    "elastic": {
+        "prob": 0.2,
+        "spacing_fraction": 0.25,
+        "magnitude_range": (0.0, 1.0),
+        "rotate_range": 0.1,
+        "shear_range": 0.1,
+        "translate_range": 8,
+        "scale_range": 0.1,
+    },
+}
 
-    MONAI equivalents are used where they exist; albumentations' box blur becomes a Gaussian blur of
-    equal spread and the 1.3 ElasticTransform (mostly a random affine) becomes MONAI's Rand2DElastic with
-    small rotation/shear/scale/translation. Geometric transforms act on image, instance and type maps.
+
+def augmentation_params(augmentation: Mapping[str, Mapping[str, object]] | None = None) -> dict[str, dict]:
+    """:data:`AUGMENTATION` with the entries of ``augmentation`` (augmentation -> parameter -> value) replaced.
+
+    Raises:
+        ValueError: naming an unknown augmentation or parameter.
     """
+    params = {name: dict(values) for name, values in AUGMENTATION.items()}
+    for name, values in (augmentation or {}).items():
+        if name not in params:
+            raise ValueError(f"augmentation: unknown augmentation '{name}' (known: {sorted(params)})")
+        unknown = set(values) - set(params[name])
+        if unknown:
+            known = sorted(params[name])
+            raise ValueError(f"augmentation#{name}: unknown parameters {sorted(unknown)} (known: {known})")
+        params[name].update(values)
+    return params
+
+
+def augmentations(
+    size: int = 256,
+    with_types: bool = True,
+    superpixels: bool = True,
+    zoom_blur: bool = True,
+    augmentation: Mapping[str, Mapping[str, object]] | None = None,
+) -> list:
+    """The augmentations of the CellVTA recipe in its order (:data:`AUGMENTATION`).
+
+    MONAI equivalents are used where they exist. Geometric transforms act on image, instance and type maps.
+
+    Args:
+        size: side of the training tiles.
+        with_types: the samples carry a type map.
+        superpixels, zoom_blur: include these two (slowest) colour augmentations.
+        augmentation: parameters replacing those of :data:`AUGMENTATION` (see :func:`augmentation_params`).
+    """
+    p = augmentation_params(augmentation)
     keys, modes, padding = _geometric_keys(with_types)
+    smooth, elastic = p["gaussian_smooth"], p["elastic"]
     ops = [
-        RandRotate90d(keys, prob=0.2, max_k=3, spatial_axes=(0, 1)),
-        RandFlipd(keys, prob=0.2, spatial_axis=1),
-        RandFlipd(keys, prob=0.2, spatial_axis=0),
-        RandGaussianSmoothd(IMAGE_KEY, sigma_x=(0.8, 2.6), sigma_y=(0.8, 2.6), prob=0.2),
-        RandGaussianNoised(IMAGE_KEY, prob=0.5, std=float(np.sqrt(10.0)) / 255.0, sample_std=True),
-        RandColorJitterd(IMAGE_KEY, brightness=0.25, contrast=0.25, saturation=0.1, hue=0.05, prob=0.2),
+        RandRotate90d(keys, prob=p["rotate90"]["prob"], max_k=p["rotate90"]["max_k"], spatial_axes=(0, 1)),
+        RandFlipd(keys, prob=p["flip"]["prob"], spatial_axis=1),
+        RandFlipd(keys, prob=p["flip"]["prob"], spatial_axis=0),
+        RandGaussianSmoothd(
+            IMAGE_KEY, sigma_x=tuple(smooth["sigma"]), sigma_y=tuple(smooth["sigma"]), prob=smooth["prob"]
+        ),
+        RandGaussianNoised(
+            IMAGE_KEY,
+            prob=p["gaussian_noise"]["prob"],
+            std=float(np.sqrt(float(p["gaussian_noise"]["variance"]))) / 255.0,
+            sample_std=True,
+        ),
+        RandColorJitterd(IMAGE_KEY, **p["color_jitter"]),
     ]
     if superpixels:
-        ops.append(RandSuperpixelsd(IMAGE_KEY, p_replace=0.1, n_segments=200, max_size=size // 2, prob=0.1))
+        sp = dict(p["superpixels"])
+        max_size = int(size * float(sp.pop("max_size_fraction")))
+        ops.append(RandSuperpixelsd(IMAGE_KEY, max_size=max_size, **sp))
     if zoom_blur:
-        ops.append(RandZoomBlurd(IMAGE_KEY, max_factor=1.05, prob=0.1))
+        zb = p["zoom_blur"]
+        ops.append(RandZoomBlurd(IMAGE_KEY, max_factor=zb["max_factor"], step=tuple(zb["step"]), prob=zb["prob"]))
+    spacing = int(size * float(elastic["spacing_fraction"]))
     ops += [
-        RandSizedCropd(keys, size=size, side_range=(0.5, 1.0), mode=modes, prob=0.2),
+        RandSizedCropd(keys, size=size, side_range=tuple(p["sized_crop"]["side_range"]), mode=modes,
+                       prob=p["sized_crop"]["prob"]),
         Rand2DElasticd(
             keys,
-            spacing=(size // 4, size // 4),
-            magnitude_range=(0.0, 1.0),
-            prob=0.2,
-            rotate_range=0.1,
-            shear_range=0.1,
-            translate_range=8,
-            scale_range=0.1,
+            spacing=(spacing, spacing),
+            magnitude_range=tuple(elastic["magnitude_range"]),
+            prob=elastic["prob"],
+            rotate_range=elastic["rotate_range"],
+            shear_range=elastic["shear_range"],
+            translate_range=elastic["translate_range"],
+            scale_range=elastic["scale_range"],
             mode=modes,
             padding_mode=padding,
         ),
@@ -559,6 +622,7 @@ def train_transforms(
     augment: bool = True,
     superpixels: bool = True,
     zoom_blur: bool = True,
+    augmentation: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Compose:
     """The whole training chain: load, (upscale), augment, compute targets, normalise.
 
@@ -569,6 +633,8 @@ def train_transforms(
             a random crop of ``size / upscale`` is resized to ``size`` (bilinear image, nearest labels).
         augment: False gives the chain without augmentation.
         superpixels, zoom_blur: include these two (slowest) colour augmentations.
+        augmentation: augmentation -> parameter -> value, replacing those of :data:`AUGMENTATION` (the
+            training config states them all).
     """
     keys, modes, _ = _geometric_keys(True)
     ops: list = [LoadSampled()]
@@ -578,7 +644,7 @@ def train_transforms(
             Resized(keys, spatial_size=(size, size), mode=modes),
         ]
     if augment:
-        ops += augmentations(size, superpixels=superpixels, zoom_blur=zoom_blur)
+        ops += augmentations(size, superpixels=superpixels, zoom_blur=zoom_blur, augmentation=augmentation)
     return Compose(ops + _finish(mean, std))
 
 

@@ -30,6 +30,7 @@ from monai.utils import convert_to_numpy
 
 from ..model.spatial_outputs import SpatialOutputs
 from ..nuclei.postprocess import nuclei_from_instance_map
+from ..nuclei.primitives import relabel_sequential
 
 __all__ = ["ToLabelSized", "UpscaleInferer"]
 
@@ -43,13 +44,17 @@ class UpscaleInferer(Inferer):
         roi_size: crop side given to the network.
         crop_overlap: pixels shared by neighbouring crops.
         mode: blending of overlapping crops (``"constant"`` averages them).
+        sw_batch_size: crops per network call.
+
+    The configs state every value (``upscale_size``, ``patch_size``, ``upscale_crop_overlap``,
+    ``upscale_blend_mode`` in configs/evaluate.yaml).
     """
 
     def __init__(self, scale: float = 480 / 256, roi_size: int = 256, crop_overlap: int = 32,
-                 mode: str = "constant") -> None:
+                 mode: str = "constant", sw_batch_size: int = 4) -> None:
         super().__init__()
         self.scale = scale
-        self.window = SlidingWindowInferer(roi_size=(roi_size, roi_size), sw_batch_size=4,
+        self.window = SlidingWindowInferer(roi_size=(roi_size, roi_size), sw_batch_size=sw_batch_size,
                                            overlap=crop_overlap / roi_size, mode=mode)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any
@@ -96,9 +101,8 @@ class ToLabelSized(MapTransform):
                 continue
             inst = _nearest(inst, shape).astype(np.int32)
             types = _nearest(convert_to_numpy(pred[self.type_map_key]), shape).astype(np.int32)
-            _, compact = np.unique(inst[0], return_inverse=True)
             one_hot = np.eye(self.num_classes, dtype=np.uint8)[types[0]].transpose(2, 0, 1)
-            pred[self.instance_map_key] = compact.reshape(shape)[None].astype(np.int32)
+            pred[self.instance_map_key] = relabel_sequential(inst)
             pred[self.nuclei_key] = nuclei_from_instance_map(pred[self.instance_map_key][0], one_hot)
             pred[self.type_map_key] = pred[self.nuclei_key].type_map(pred[self.instance_map_key][0])[None]
             d[key] = pred

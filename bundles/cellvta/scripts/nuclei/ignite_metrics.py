@@ -34,7 +34,6 @@ __all__ = [
     "MultiPQ",
     "MultiPQPlus",
     "AJI",
-    "DetectionF1",
     "NucleiMetricsSaver",
 ]
 
@@ -239,13 +238,6 @@ class AJI(NucleiMetric):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(metric_name="aji", **kwargs)
-
-
-class DetectionF1(NucleiMetric):
-    """Detection F1 of centroids within the radius, pooled over the dataset (per class in ``summary``)."""
-
-    def __init__(self, num_classes: int = 1, **kwargs: Any) -> None:
-        super().__init__(metric_name="detection_f1", num_classes=num_classes, **kwargs)
 
 
 class NucleiMetricsSaver:

@@ -1,6 +1,7 @@
 """HoVer-Net post-processing: nuclei instances, types, centroids, boxes and contours from the network's maps.
 
-The algorithm is CellViT's ``DetectionCellPostProcessor`` (reference §7.1) and reproduces it exactly:
+The algorithm is CellViT's ``DetectionCellPostProcessor`` (reference §7.1) and reproduces it exactly, except on
+tiles without background (see the deviation below):
 
 1. nuclei mask = ``nuclei_prob >= 0.5``; 4-connected components under 10 px are removed;
 2. each HV channel is min-max normalised to [0, 1] (a constant channel becomes 0);
@@ -16,6 +17,13 @@ The algorithm is CellViT's ``DetectionCellPostProcessor`` (reference §7.1) and 
 Per-nucleus work is vectorised over the whole tile (``bincount`` for areas, centroids and type votes,
 ``find_objects`` for boxes); only the contour is traced per nucleus, on its own bounding-box crop.
 
+Types follow the project's one vote rule (:func:`.primitives.vote_types`): the majority class, and the most
+frequent foreground class when the background wins but a foreground class is present (the reference's rule).
+
+One deviation: on a tile where every pixel belongs to a nucleus (no 0 in the instance map) the reference drops
+the smallest instance id from its per-nucleus results, because it takes the first unique value of the map to be
+the background. Here every instance keeps its entry; on tiles with a background pixel the two agree.
+
 Nuclei whose contour has fewer than 3 points (straight lines one pixel wide) follow the reference:
 they stay in the instance map but are left out of :class:`Nuclei`, so ``Nuclei.ids`` lists the
 instance ids that have an entry, and :meth:`Nuclei.type_map` gives such nuclei type 0 (background).
@@ -23,30 +31,87 @@ instance ids that have an entry, and :meth:`Nuclei.type_map` gives such nuclei t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import lru_cache
 
 import cv2
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation._watershed_cy import watershed_raveled
 
+from .primitives import centroids, class_histogram, vote_types
+
 __all__ = [
     "MAGNIFICATION_PRESETS",
     "Nuclei",
+    "PostProcessSettings",
     "hovernet_postprocess",
     "instance_centroids",
     "instance_map_from_hv",
     "marker_watershed",
     "nuclei_from_instance_map",
+    "postprocess_settings",
 ]
 
-#: Per magnification: Sobel kernel size and the minimum marker size in pixels (reference §7.1).
-MAGNIFICATION_PRESETS: dict[int, tuple[int, int]] = {40: (21, 10), 20: (11, 3)}
-MASK_THRESHOLD = 0.5
-MASK_MIN_SIZE = 10
-MARKER_THRESHOLD = 0.4
 MIN_CONTOUR_POINTS = 3
-_OPENING_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+
+
+@dataclass(frozen=True)
+class PostProcessSettings:
+    """Thresholds and sizes of the post-processing (steps of the module docstring), for one magnification.
+
+    Attributes:
+        mask_threshold: nucleus probability from which a pixel is nucleus (step 1).
+        mask_min_size: 4-connected nucleus components below this many pixels are removed (step 1).
+        sobel_kernel_size: Sobel kernel of the HV derivatives (step 3; 21 at 40x, 11 at 20x).
+        marker_threshold: ``overall`` from which a pixel is a border, not a marker (step 6).
+        marker_opening_size: side of the elliptic kernel that opens the markers (step 6).
+        marker_min_size: 4-connected markers below this many pixels are removed (step 6; 10 at 40x, 3 at 20x).
+    """
+
+    mask_threshold: float = 0.5
+    mask_min_size: int = 10
+    sobel_kernel_size: int = 21
+    marker_threshold: float = 0.4
+    marker_opening_size: int = 5
+    marker_min_size: int = 10
+
+
+#: The reference's settings per magnification (reference §7.1); the configs state every value
+#: (``postprocessing_presets`` in configs/common.yaml).
+MAGNIFICATION_PRESETS: dict[int, PostProcessSettings] = {
+    40: PostProcessSettings(),
+    20: PostProcessSettings(sobel_kernel_size=11, marker_min_size=3),
+}
+
+
+def postprocess_settings(
+    magnification: int = 40, presets: Mapping[int | str, PostProcessSettings | Mapping[str, float]] | None = None
+) -> PostProcessSettings:
+    """The settings for ``magnification`` from ``presets`` (magnification -> settings or a dict of their fields;
+    keys may be strings, as YAML configs write them), by default :data:`MAGNIFICATION_PRESETS`.
+
+    Raises:
+        ValueError: for a magnification without preset or an unknown setting.
+    """
+    table = {int(k): v for k, v in (MAGNIFICATION_PRESETS if presets is None else presets).items()}
+    if magnification not in table:
+        raise ValueError(f"magnification must be one of {sorted(table)}, got {magnification}")
+    entry = table[magnification]
+    if isinstance(entry, PostProcessSettings):
+        return entry
+    unknown = set(entry) - {f.name for f in fields(PostProcessSettings)}
+    if unknown:
+        raise ValueError(f"post-processing preset {magnification}: unknown settings {sorted(unknown)}")
+    return PostProcessSettings(**entry)
+
+
+@lru_cache(maxsize=8)
+def _opening_kernel(size: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
@@ -170,23 +235,28 @@ def _minmax(img: np.ndarray) -> np.ndarray:
     return cv2.normalize(img, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
 
 
-def instance_map_from_hv(nuclei_prob: np.ndarray, hv_map: np.ndarray, magnification: int = 40) -> np.ndarray:
+def instance_map_from_hv(
+    nuclei_prob: np.ndarray,
+    hv_map: np.ndarray,
+    magnification: int = 40,
+    presets: Mapping[int | str, PostProcessSettings | Mapping[str, float]] | None = None,
+) -> np.ndarray:
     """Watershed instance map from the nuclei probability and the HV maps (steps 1-7 of the module docstring).
 
     Args:
         nuclei_prob: (H, W) float nucleus probability.
         hv_map: (2, H, W) float HV maps, channel 0 horizontal (x), channel 1 vertical (y).
-        magnification: 40 or 20; selects the Sobel kernel and the marker size.
+        magnification: selects the settings in ``presets`` (40 or 20 by default).
+        presets: settings per magnification (:func:`postprocess_settings`); None for :data:`MAGNIFICATION_PRESETS`.
 
     Returns:
         (H, W) int32 instance map, 0 background, nuclei numbered 1..N in raster order of their markers.
     """
-    if magnification not in MAGNIFICATION_PRESETS:
-        raise ValueError(f"magnification must be one of {sorted(MAGNIFICATION_PRESETS)}, got {magnification}")
-    ksize, marker_min_size = MAGNIFICATION_PRESETS[magnification]
+    settings = postprocess_settings(magnification, presets)
+    ksize = settings.sobel_kernel_size
 
-    mask = np.asarray(nuclei_prob, dtype=np.float32) >= MASK_THRESHOLD
-    regions, n_regions = _large_components(mask, MASK_MIN_SIZE)
+    mask = np.asarray(nuclei_prob, dtype=np.float32) >= np.float32(settings.mask_threshold)
+    regions, n_regions = _large_components(mask, settings.mask_min_size)
     if n_regions == 0:
         return np.zeros(mask.shape, np.int32)
     mask = regions > 0
@@ -202,9 +272,10 @@ def instance_map_from_hv(nuclei_prob: np.ndarray, hv_map: np.ndarray, magnificat
     dist = cv2.GaussianBlur(energy, (3, 3), 0)
     np.negative(dist, out=dist)
 
-    marker = _fill_holes(mask & (overall < np.float64(MARKER_THRESHOLD)))
-    marker = cv2.morphologyEx(marker.view(np.uint8), cv2.MORPH_OPEN, _OPENING_KERNEL)
-    markers, n_markers = _large_components(marker.view(bool), marker_min_size)
+    marker = _fill_holes(mask & (overall < np.float64(settings.marker_threshold)))
+    kernel = _opening_kernel(settings.marker_opening_size)
+    marker = cv2.morphologyEx(marker.view(np.uint8), cv2.MORPH_OPEN, kernel)
+    markers, n_markers = _large_components(marker.view(bool), settings.marker_min_size)
     if n_markers == 0:
         return np.zeros(mask.shape, np.int32)
     return marker_watershed(dist, markers, regions, n_regions)
@@ -353,10 +424,12 @@ def _foreground(inst_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat, inst_map.ravel()[flat]
 
 
-def _vote_types(labels: np.ndarray, pixel_types: np.ndarray, n_classes: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Majority type per nucleus; if background wins and another class is present, the runner-up wins.
+def _vote_types(
+    labels: np.ndarray, pixel_types: np.ndarray, n_classes: int, ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Type of each nucleus by :func:`.primitives.vote_types` and the fraction of its pixels of that type.
 
-    Ties go to the smaller class id. ``type_prob`` = winner's pixel count / (area + 1e-6).
+    ``type_prob`` = winner's pixel count / (area + 1e-6).
 
     Args:
         labels: (M,) instance id of each foreground pixel.
@@ -367,28 +440,10 @@ def _vote_types(labels: np.ndarray, pixel_types: np.ndarray, n_classes: int, ids
     Returns:
         types (N,) int32 and type_probs (N,) float64.
     """
-    codes = labels.astype(np.int64) * n_classes + pixel_types
-    counts = np.bincount(codes, minlength=(int(ids[-1]) + 1) * n_classes)
-    counts = counts.reshape(-1, n_classes)[ids]
-    types = counts.argmax(axis=1)
-    if n_classes > 1:
-        runner_up = counts[:, 1:].argmax(axis=1) + 1
-        use_runner_up = (types == 0) & (counts[:, 1:].max(axis=1) > 0)
-        types = np.where(use_runner_up, runner_up, types)
-    area = counts.sum(axis=1)
-    probs = counts[np.arange(ids.shape[0]), types] / (area + 1.0e-6)
+    counts = class_histogram(labels, pixel_types, n_classes, ids)
+    types = vote_types(counts)
+    probs = counts[np.arange(ids.shape[0]), types] / (counts.sum(axis=1) + 1.0e-6)
     return types.astype(np.int32), probs
-
-
-def _centroids(flat: np.ndarray, labels: np.ndarray, width: int, ids: np.ndarray, top_left: np.ndarray) -> np.ndarray:
-    """Centroids (N, 2) float64 (x, y) from the foreground's flat indices (M,) and ids (M,); see
-    :func:`instance_centroids`."""
-    rows, cols = np.divmod(flat, width)
-    size = int(ids[-1]) + 1
-    area = np.bincount(labels, minlength=size)[ids].astype(np.float64)
-    m10 = np.bincount(labels, weights=cols, minlength=size)[ids] - top_left[:, 1] * area
-    m01 = np.bincount(labels, weights=rows, minlength=size)[ids] - top_left[:, 0] * area
-    return np.stack([m10 / area + top_left[:, 1], m01 / area + top_left[:, 0]], axis=1)
 
 
 def instance_centroids(inst_map: np.ndarray, ids: np.ndarray, top_left: np.ndarray) -> np.ndarray:
@@ -405,10 +460,8 @@ def instance_centroids(inst_map: np.ndarray, ids: np.ndarray, top_left: np.ndarr
     Returns:
         (N, 2) float64 (x, y).
     """
-    if len(ids) == 0:
-        return np.zeros((0, 2), np.float64)
     flat, labels = _foreground(inst_map)
-    return _centroids(flat, labels, inst_map.shape[1], ids, top_left)
+    return centroids(flat, labels, inst_map.shape[1], ids, top_left)
 
 
 def _contours(inst_map: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
@@ -470,7 +523,7 @@ def nuclei_from_instance_map(inst_map: np.ndarray, type_prob: np.ndarray | None 
     contours = _contours(inst_map, ids, boxes)
     keep = np.array([c.shape[0] >= MIN_CONTOUR_POINTS for c in contours])
     flat, labels = _foreground(inst_map)
-    centroids = _centroids(flat, labels, inst_map.shape[1], ids, boxes[:, 0])
+    xy = centroids(flat, labels, inst_map.shape[1], ids, boxes[:, 0])
     if type_prob is None:
         types, type_probs = np.zeros(ids.shape[0], np.int32), np.zeros(ids.shape[0], np.float64)
     else:
@@ -480,7 +533,7 @@ def nuclei_from_instance_map(inst_map: np.ndarray, type_prob: np.ndarray | None 
         ids=ids[keep].astype(np.int32),
         types=types[keep],
         type_probs=type_probs[keep].astype(np.float32),
-        centroids=centroids[keep],
+        centroids=xy[keep],
         bboxes=boxes[keep],
         contours=[c for c, k in zip(contours, keep) if k],
     )
@@ -491,6 +544,7 @@ def hovernet_postprocess(
     hv_map: np.ndarray,
     type_prob: np.ndarray | None = None,
     magnification: int = 40,
+    presets: Mapping[int | str, PostProcessSettings | Mapping[str, float]] | None = None,
 ) -> tuple[np.ndarray, Nuclei]:
     """CellViT's HoVer-Net post-processing of one tile.
 
@@ -499,7 +553,8 @@ def hovernet_postprocess(
         hv_map: (2, H, W) float HV maps, channel 0 horizontal (x), channel 1 vertical (y).
         type_prob: (C, H, W) float class probabilities (or logits) including background 0, or None;
             only their per-pixel argmax is used.
-        magnification: 40 or 20.
+        magnification: selects the settings in ``presets`` (40 or 20 by default).
+        presets: settings per magnification (:func:`postprocess_settings`); None for :data:`MAGNIFICATION_PRESETS`.
 
     Returns:
         The (H, W) int32 instance map (0 background, 1..N) and the :class:`Nuclei` with an entry for every
@@ -511,5 +566,5 @@ def hovernet_postprocess(
     nuclei_prob, hv_map = np.asarray(nuclei_prob), np.asarray(hv_map)
     type_prob = None if type_prob is None else np.asarray(type_prob)
     _check_maps(nuclei_prob, hv_map, type_prob)
-    inst_map = instance_map_from_hv(nuclei_prob, hv_map, magnification)
+    inst_map = instance_map_from_hv(nuclei_prob, hv_map, magnification, presets)
     return inst_map, nuclei_from_instance_map(inst_map, type_prob)

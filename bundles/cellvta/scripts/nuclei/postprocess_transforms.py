@@ -26,7 +26,7 @@ from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, optional_import
 
-from .postprocess import MAGNIFICATION_PRESETS, MASK_MIN_SIZE, Nuclei, hovernet_postprocess, instance_centroids
+from .postprocess import Nuclei, PostProcessSettings, hovernet_postprocess, instance_centroids, postprocess_settings
 
 cv2, _ = optional_import("cv2")
 expit, _ = optional_import("scipy.special", name="expit")
@@ -40,6 +40,7 @@ HoVerNetNuclearTypePostProcessing, _ = optional_import(
 __all__ = ["GaussianBlur3x3", "HoVerNetPostProcessing", "HoVerNetPostProcessingd", "MonaiHoVerNetPostProcessing"]
 
 Activation = Literal["softmax", "sigmoid"]
+Presets = Mapping[int | str, PostProcessSettings | Mapping[str, float]]
 PostProcessed = tuple[np.ndarray, np.ndarray, Nuclei]
 
 
@@ -67,25 +68,28 @@ def _numpy_maps(
     return maps["nuclei_binary_map"], maps["hv_map"], maps["nuclei_type_map"]
 
 
-def _check_activation(activation: str, magnification: int) -> None:
+def _check_activation(activation: str) -> None:
     if activation not in ("softmax", "sigmoid"):
         raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-    if magnification not in MAGNIFICATION_PRESETS:
-        raise ValueError(f"magnification must be one of {sorted(MAGNIFICATION_PRESETS)}, got {magnification}")
 
 
 class HoVerNetPostProcessing(Transform):
     """CellViT's HoVer-Net post-processing (exact port, :func:`.postprocess.hovernet_postprocess`).
 
     Args:
-        magnification: 40 or 20 (Sobel kernel 21 or 11, marker size 10 or 3).
+        magnification: selects the settings in ``presets`` (by default 40 or 20: Sobel kernel 21 or 11, marker
+            size 10 or 3).
         activation: ``"softmax"`` for a (2, H, W) NP map of logits, ``"sigmoid"`` for (1, H, W) logits.
+        presets: thresholds and sizes per magnification (:func:`.postprocess.postprocess_settings`); None for
+            the reference's.
     """
 
     backend = [TransformBackends.NUMPY]
 
-    def __init__(self, magnification: int = 40, activation: Activation = "softmax") -> None:
-        _check_activation(activation, magnification)
+    def __init__(self, magnification: int = 40, activation: Activation = "softmax", presets: Presets | None = None
+                 ) -> None:
+        _check_activation(activation)
+        self.settings = postprocess_settings(magnification, presets)
         self.magnification = magnification
         self.activation = activation
 
@@ -112,7 +116,8 @@ class HoVerNetPostProcessing(Transform):
             nuclei_prob = expit(logits[1] - logits[0])
         else:
             nuclei_prob = expit(logits[-1])
-        inst_map, nuclei = hovernet_postprocess(nuclei_prob, hv, types, self.magnification)
+        inst_map, nuclei = hovernet_postprocess(nuclei_prob, hv, types, self.magnification,
+                                                {self.magnification: self.settings})
         return inst_map[None], nuclei.type_map(inst_map)[None], nuclei
 
 
@@ -139,19 +144,23 @@ class MonaiHoVerNetPostProcessing(Transform):
     map is built in one lookup (see the module docstring).
 
     Args:
-        magnification: 40 or 20 (Sobel kernel 21 or 11).
+        magnification: selects the settings in ``presets`` (by default 40 or 20: Sobel kernel 21 or 11).
         activation: ``"softmax"`` for (2, H, W) NP logits, ``"sigmoid"`` for (1, H, W).
         marker_radius: radius of the disk that opens the markers.
+        presets: settings per magnification (:func:`.postprocess.postprocess_settings`); MONAI uses their
+            ``mask_min_size`` and ``sobel_kernel_size``.
     """
 
     backend = [TransformBackends.NUMPY]
 
-    def __init__(self, magnification: int = 40, activation: Activation = "softmax", marker_radius: int = 2) -> None:
-        _check_activation(activation, magnification)
+    def __init__(self, magnification: int = 40, activation: Activation = "softmax", marker_radius: int = 2,
+                 presets: Presets | None = None) -> None:
+        _check_activation(activation)
+        settings = postprocess_settings(magnification, presets)
         self.instance_map = HoVerNetInstanceMapPostProcessing(
             activation=activation,
-            min_object_size=MASK_MIN_SIZE,
-            sobel_kernel_size=MAGNIFICATION_PRESETS[magnification][0],
+            min_object_size=settings.mask_min_size,
+            sobel_kernel_size=settings.sobel_kernel_size,
             distance_smooth_fn=GaussianBlur3x3(),
             marker_radius=marker_radius,
         )
@@ -222,8 +231,9 @@ class HoVerNetPostProcessingd(MapTransform):
         keys: the NP, HV and NC keys of the network output, in this order; the NC key may be omitted
             (no types: every type is 0).
         implementation: ``"cellvit"`` or ``"monai"``.
-        magnification: 40 or 20.
+        magnification: 40 or 20 (a key of ``presets``).
         activation: ``"softmax"`` for (2, H, W) NP logits, ``"sigmoid"`` for (1, H, W).
+        presets: thresholds and sizes per magnification (:func:`.postprocess.postprocess_settings`).
         instance_map_key: output key of the (1, H, W) int32 instance map.
         type_map_key: output key of the (1, H, W) int32 type map.
         nuclei_key: output key of the :class:`Nuclei`.
@@ -240,14 +250,15 @@ class HoVerNetPostProcessingd(MapTransform):
         type_map_key: str = "type_map",
         nuclei_key: str = "nuclei",
         marker_radius: int = 2,
+        presets: Presets | None = None,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) not in (2, 3):
             raise ValueError(f"keys must name the NP, HV and (optionally) NC maps, got {self.keys}")
         if implementation == "cellvit":
-            self.transform: Transform = HoVerNetPostProcessing(magnification, activation)
+            self.transform: Transform = HoVerNetPostProcessing(magnification, activation, presets)
         elif implementation == "monai":
-            self.transform = MonaiHoVerNetPostProcessing(magnification, activation, marker_radius)
+            self.transform = MonaiHoVerNetPostProcessing(magnification, activation, marker_radius, presets)
         else:
             raise ValueError(f"implementation must be 'cellvit' or 'monai', got {implementation!r}")
         self.instance_map_key = instance_map_key

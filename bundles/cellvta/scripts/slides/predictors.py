@@ -20,6 +20,7 @@ from torch import nn
 
 from ..model.precision import prepare_for_inference
 from ..data.transforms import hv_maps
+from ..nuclei.primitives import relabel_sequential
 
 __all__ = ["GroundTruthPredictor", "NetworkPredictor", "PredictedMaps"]
 
@@ -124,6 +125,5 @@ class GroundTruthPredictor:
                  self._cut(self._types, x, y, size)) for x, y in origins]
         maps = PredictedMaps(*(np.stack(parts) for parts in zip(*cuts)))
         if self.instances:
-            maps.inst_map = np.stack([np.unique(self._cut(self._inst, x, y, size), return_inverse=True)[1]
-                                      .reshape(size, size).astype(np.int32) for x, y in origins])
+            maps.inst_map = np.stack([relabel_sequential(self._cut(self._inst, x, y, size)) for x, y in origins])
         return maps
