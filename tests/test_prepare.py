@@ -280,3 +280,81 @@ def test_command_line(tmp_path):
     ]
     subprocess.run(cmd, cwd=bundle, check=True, capture_output=True)
     assert len(dataset_list(tmp_path / "s")) == 5
+
+
+def _nuclei_map(size: int = 32) -> np.ndarray:
+    inst = np.zeros((size, size), np.int32)
+    inst[2:10, 2:10], inst[14:22, 6:12], inst[20:30, 20:28] = 1, 2, 3
+    return inst
+
+
+def _user_folder(root: Path, inst: np.ndarray, types: np.ndarray | None = None) -> dict[str, str]:
+    for sub in ("images", "inst", "types"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(root / "images" / "t.png"), np.full((*inst.shape, 3), 200, np.uint8))
+    np.save(root / "inst" / "t.npy", inst)
+    if types is not None:
+        np.save(root / "types" / "t.npy", types)
+    return {"images": str(root / "images"), "instances": str(root / "inst"), "out": str(root / "out"),
+            **({"types": str(root / "types"), "classes": "a,b"} if types is not None else {})}
+
+
+def test_label_maps_with_non_integer_nan_or_negative_ids_are_refused_naming_the_file(tmp_path):
+    inst = _nuclei_map()
+    resized = cv2.resize(cv2.resize(inst.astype(np.float32), (64, 64), interpolation=cv2.INTER_LINEAR), (32, 32))
+    assert np.unique(resized).size > 4  # a bilinear resize invents ids between the nuclei's
+    cases = {
+        "bilinear": (resized, r"inst[/\\]t\.npy: instance map has \d+ non-integer values"),
+        "nan": (np.where(inst > 0, inst, np.nan), rf"inst[/\\]t\.npy: instance map has {(inst == 0).sum()} NaN"),
+        "negative": (np.where(np.arange(32)[None] < 4, -1, inst), r"inst[/\\]t\.npy: instance map has negative ids"),
+    }
+    for name, (bad, message) in cases.items():
+        args = _user_folder(tmp_path / name, bad)
+        with pytest.raises(ValueError, match=message):
+            prepare.folder(**args)
+        assert not (tmp_path / name / "out" / "labels").exists() or not list((tmp_path / name / "out" / "labels").iterdir())
+    # the same maps with integer values convert
+    args = _user_folder(tmp_path / "good", inst.astype(np.float64))
+    inst_out, _ = _labels(dataset_list(prepare.folder(**args))[0])
+    assert inst_out.max() == 3
+
+
+def test_type_map_errors_name_the_type_map_file(tmp_path):
+    inst = _nuclei_map()
+    for name, types, message in (("nan", np.where(inst > 0, 1.0, np.nan), f"type map has {(inst == 0).sum()} NaN"),
+                                 ("size", np.zeros((16, 16), np.uint8), r"type map size \(16, 16\) differs")):
+        args = _user_folder(tmp_path / name, inst, types)
+        with pytest.raises(ValueError, match=rf"types[/\\]t\.npy: {message}"):
+            prepare.folder(**args)
+
+
+def test_every_converter_refuses_non_integer_ids(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "pannuke"
+    _, masks = _write_pannuke(src, 1, 2, rng)
+    masks[1, 0, 0, 2] = 0.5
+    np.save(src / "Fold 1" / "masks" / "fold1" / "masks.npy", masks)
+    with pytest.raises(ValueError, match=r"masks\.npy\[1\]: channel 2 of the mask has 1 non-integer values"):
+        prepare.pannuke(str(src), str(tmp_path / "out_pannuke"), folds=(1,))
+
+    conic = tmp_path / "conic"
+    conic.mkdir()
+    labels = np.zeros((2, 16, 16, 2), np.float32)
+    labels[:, 3:7, 3:7] = 1
+    labels[1, 0, 0, 1] = np.nan
+    np.save(conic / "images.npy", rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    np.save(conic / "labels.npy", labels)
+    (conic / "patch_info.csv").write_text("patch_info\na-1\nb-2\n")
+    with pytest.raises(ValueError, match=r"labels\.npy\[1\]: class map has 1 NaN"):
+        prepare.conic(str(conic), str(tmp_path / "out_conic"))
+
+    inst = _nuclei_map(16)
+    np.savez(tmp_path / "tiles.npz", images=np.full((1, 16, 16, 3), 200, np.uint8), inst_map=inst[None] - 1,
+             type_map=(inst > 0)[None].astype(np.uint8))
+    with pytest.raises(ValueError, match=r"tiles\.npz\[inst_map\]\[0\]: instance map has negative ids"):
+        prepare.arrays(str(tmp_path / "tiles.npz"), str(tmp_path / "out_arrays"), classes="a")
+
+    mat = tmp_path / "t0.mat"
+    savemat(mat, {"inst_map": np.where(inst > 0, inst, np.nan), "inst_type": np.ones((3, 1))})
+    with pytest.raises(ValueError, match=rf"t0\.mat: inst_map has {(inst == 0).sum()} NaN"):
+        prepare.consep_labels(mat)

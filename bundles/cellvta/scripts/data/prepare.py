@@ -11,7 +11,9 @@ Command line (from ``bundles/cellvta``)::
     python -m scripts.data.prepare arrays    --src tiles.npz --out data/mine --classes a,b
 
 Every converter checks its input (missing files, label size different from the image, images that
-are not RGB uint8, unknown class ids) and raises an error naming the file and the problem.
+are not RGB uint8, unknown class ids) and raises an error naming the file and the problem. Label maps are
+checked before anything is relabelled: non-integer values (e.g. an instance map resized with interpolation),
+NaN or infinite values and negative ids are refused (:func:`label_ids`); nothing is rounded or converted.
 """
 
 from __future__ import annotations
@@ -72,6 +74,36 @@ def _patches(
             win = (slice(top, top + patch_size), slice(left, left + patch_size))
             yield f"_{k:03d}", image[win], relabel_sequential(inst[win]), types[win]
             k += 1
+
+
+def label_ids(arr: np.ndarray, source: str, what: str) -> np.ndarray:
+    """A label map's ids as int64 after checking they are finite non-negative integers (of any numeric dtype).
+
+    Args:
+        arr: instance or class ids, any shape.
+        source: the file (and index) named in errors.
+        what: the kind of map named in errors, e.g. ``"instance map"``.
+
+    Raises:
+        ValueError: naming ``source``: a non-numeric dtype, NaN/infinite values, non-integer values, negative ids.
+    """
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        return arr.astype(np.int64)
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise ValueError(f"{source}: {what} has {int((~finite).sum())} NaN or infinite values")
+        fractional = arr != np.round(arr)
+        if fractional.any():
+            raise ValueError(f"{source}: {what} has {int(fractional.sum())} non-integer values (e.g. "
+                             f"{arr[fractional].flat[0]:g}); ids must be whole numbers (resize label maps with "
+                             "nearest-neighbour interpolation)")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{source}: {what} of dtype {arr.dtype}, expected integer ids")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{source}: {what} has negative ids (min {arr.min():g}); 0 is background, ids are >= 0")
+    return arr.astype(np.int64)
 
 
 def _read_map(path: Path) -> np.ndarray:
@@ -168,7 +200,7 @@ def pannuke_instances(masks: np.ndarray, source: str) -> tuple[np.ndarray, np.nd
     types = np.zeros(masks.shape[:2], np.uint8)
     before = 0
     for c in range(5):
-        channel = np.rint(masks[..., c]).astype(np.int64)
+        channel = label_ids(masks[..., c], source, f"channel {c} of the mask")
         ids, compact = np.unique(channel, return_inverse=True)
         compact = compact.reshape(channel.shape)
         fg = channel > 0
@@ -280,12 +312,12 @@ def conic(src: str, out: str, seed: int = 19, test_fraction: float = 0.2, val_fr
     with DatasetWriter(out, "conic", CONIC_CLASSES, ["colon"], 20) as writer:
         for i, (name, group) in enumerate(zip(names, groups)):
             split = inner.get(group, "test") if outer[group] == "train" else "test"
-            inst = relabel_sequential(np.asarray(labels[i, ..., 0]))
+            inst = relabel_sequential(label_ids(labels[i, ..., 0], f"{paths[1]}[{i}]", "instance map"))
             writer.add(
                 name,
                 np.asarray(images[i]),
                 inst,
-                np.asarray(labels[i, ..., 1]),
+                label_ids(labels[i, ..., 1], f"{paths[1]}[{i}]", "class map"),
                 split,
                 group=group,
                 source=f"{paths[0]}[{i}]",
@@ -310,8 +342,8 @@ def consep_labels(mat_file: Path) -> tuple[np.ndarray, np.ndarray]:
     for key in ("inst_map", "inst_type"):
         if key not in mat:
             raise ValueError(f"{mat_file}: no '{key}' in the .mat file")
-    inst = np.rint(mat["inst_map"]).astype(np.int32)
-    inst_type = np.asarray(mat["inst_type"]).reshape(-1).astype(np.int64)
+    inst = label_ids(mat["inst_map"], str(mat_file), "inst_map").astype(np.int32)
+    inst_type = label_ids(np.asarray(mat["inst_type"]).reshape(-1), str(mat_file), "inst_type")
     if inst.max() > inst_type.size:
         raise ValueError(f"{mat_file}: instance id {inst.max()} but only {inst_type.size} entries in inst_type")
     unknown = sorted(set(inst_type.tolist()) - set(CONSEP_MERGE))
@@ -479,14 +511,17 @@ def folder(
         for img_file in image_files:
             image = read_image(img_file)
             inst_file = _find_label(Path(instances), img_file.stem, "instance map")
-            inst = _read_map(inst_file)
+            inst = label_ids(_read_map(inst_file), str(inst_file), "instance map")
             if inst.shape != image.shape[:2]:
                 raise ValueError(f"{inst_file}: instance map size {inst.shape} differs from image {image.shape[:2]}")
             if types is None:
                 type_map = (inst > 0).astype(np.uint8)
             else:
                 type_file = _find_label(Path(types), img_file.stem, "type map")
-                type_map = _read_map(type_file)
+                type_map = label_ids(_read_map(type_file), str(type_file), "type map")
+                if type_map.shape != image.shape[:2]:
+                    raise ValueError(f"{type_file}: type map size {type_map.shape} differs from image "
+                                     f"{image.shape[:2]} of {img_file}")
                 bad = np.setdiff1d(np.unique(type_map), np.arange(len(class_list)))
                 if bad.size:
                     raise ValueError(f"{type_file}: unknown class ids {bad.tolist()} (classes {class_list})")
@@ -541,8 +576,8 @@ def arrays(
             writer.add(
                 names[i],
                 image,
-                data["inst_map"][i],
-                data["type_map"][i],
+                label_ids(data["inst_map"][i], f"{src_path}[inst_map][{i}]", "instance map"),
+                label_ids(data["type_map"][i], f"{src_path}[type_map][{i}]", "type map"),
                 assignment[groups[i]],
                 group=groups[i],
                 source=f"{src_path}[{i}]",
