@@ -2,7 +2,7 @@
 
 Sources of maps (``pred`` and ``gt`` alike):
 
-- a folder with one file per image, paired by file stem: ``.npy`` holding ``(H, W, 2)`` or ``(2, H, W)``
+- a folder with one file per image, named by file stem: ``.npy`` holding ``(H, W, 2)`` or ``(2, H, W)``
   (instance, type), ``.npz`` with the two keys given by ``keys`` (default ``inst_map``, ``type_map``),
   or ``.mat`` (HoVer-Net/CoNSeP form: ``inst_map`` and ``type_map``, or ``inst_type`` listing the class
   of instance ids 1..N, optionally with ``inst_uid``);
@@ -14,6 +14,10 @@ Command line, from ``bundles/cellvta``::
 
     python -m scripts.nuclei.evaluation --pred=PRED --gt=GT --output_dir=eval --num_classes=5 \\
         --class_names='[background,other,inflammatory,epithelial,spindle]' --tissues=tissues.csv
+
+Predictions and ground truth are paired by name: an image on one side only is an error listing the names
+(``--pair_by_order`` pairs the two sources position by position instead, in name order for folders). A file
+that cannot be read (0-byte, corrupt, pickled objects) is an error naming it; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy.io import loadmat
 
+from ..files import write_text_atomic
 from .metrics import METRIC_KEYS, ImageScores, evaluate_image, summarize
 
 __all__ = [
@@ -66,16 +70,26 @@ def _from_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return inst, lut[inst]
 
 
+def _named(read, path: Path, *args):
+    """``read(path, *args)``, with any failure to read re-raised as a ValueError that names ``path``."""
+    try:
+        return read(path, *args)
+    except Exception as e:  # noqa: BLE001 - every reader error becomes one that names the file
+        if isinstance(e, ValueError) and str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: cannot be read as maps ({type(e).__name__}: {e})") from e
+
+
 def _from_file(path: Path, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     if path.suffix == ".npy":
-        arr = np.load(path)
+        arr = np.load(path, allow_pickle=False)
         if arr.ndim == 3 and arr.shape[-1] == 2:
             return arr[..., 0], arr[..., 1]
         if arr.ndim == 3 and arr.shape[0] == 2:
             return arr[0], arr[1]
         raise ValueError(f"{path}: expected (H, W, 2) or (2, H, W) instance + type maps, got shape {arr.shape}")
     if path.suffix == ".npz":
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data]
             if missing:
                 raise ValueError(f"{path}: keys {missing} not found (it has {sorted(data.files)})")
@@ -87,11 +101,11 @@ def _from_file(path: Path, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarra
 
 def _from_stack(path: Path, keys: tuple[str, str]) -> Maps:
     if path.suffix == ".npy":
-        arr = np.load(path)
+        arr = np.load(path, allow_pickle=False)
         if arr.ndim != 4 or arr.shape[-1] != 2:
             raise ValueError(f"{path}: expected stacked (N, H, W, 2) instance + type maps, got shape {arr.shape}")
         return [(f"{i:05d}", arr[i, ..., 0], arr[i, ..., 1]) for i in range(arr.shape[0])]
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         missing = [k for k in keys if k not in data]
         if missing:
             raise ValueError(f"{path}: keys {missing} not found (it has {sorted(data.files)})")
@@ -121,14 +135,14 @@ def load_maps(source: MapSource, keys: Sequence[str] | str = DEFAULT_KEYS) -> Ma
         if path.is_file():
             if path.suffix not in (".npy", ".npz"):
                 raise ValueError(f"{path}: a single file must be a stacked .npy or .npz, got {path.suffix!r}")
-            return _from_stack(path, keys)
+            return _named(_from_stack, path, keys)
         files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz", ".mat"))
         if not files:
             raise ValueError(f"{path}: no .npy, .npz or .mat files in the folder")
         stems = [p.stem for p in files]
         if len(set(stems)) != len(stems):
             raise ValueError(f"{path}: several files share a stem: {sorted({s for s in stems if stems.count(s) > 1})}")
-        return [(p.stem, *_from_file(p, keys)) for p in files]
+        return [(p.stem, *_named(_from_file, p, keys)) for p in files]
     if isinstance(source, tuple) and len(source) == 2 and np.ndim(source[0]) == 3:
         inst, types = np.asarray(source[0]), np.asarray(source[1])
         if inst.shape != types.shape:
@@ -167,15 +181,29 @@ def load_tissues(source: str | Path | Mapping | Sequence | None, names: Sequence
     return source
 
 
-def _pair(pred: Maps, gt: Maps) -> list[tuple[str, tuple, tuple]]:
-    pred_names = [n for n, *_ in pred]
-    gt_names = [n for n, *_ in gt]
-    if pred_names == gt_names or (not set(pred_names) & set(gt_names) and len(pred) == len(gt)):
+def _listed(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _pair(pred: Maps, gt: Maps, pair_by_order: bool = False) -> list[tuple[str, tuple, tuple]]:
+    """``(name, (pred inst, pred type), (gt inst, gt type))`` per image: by name, or by position if asked.
+
+    Raises ValueError listing the images found on one side only (by name), or the two counts (by order).
+    """
+    if pair_by_order:
+        if len(pred) != len(gt):
+            raise ValueError(f"pairing by order: {len(pred)} predictions but {len(gt)} ground-truth images")
         return [(g[0], p[1:], g[1:]) for p, g in zip(pred, gt)]
     by_name = {n: m for n, *m in pred}
-    missing = [n for n in gt_names if n not in by_name]
-    if missing:
-        raise ValueError(f"{len(missing)} ground-truth images have no prediction, e.g. {missing[:3]}")
+    gt_names = {n for n, *_ in gt}
+    no_pred = [n for n, *_ in gt if n not in by_name]
+    no_gt = [n for n, *_ in pred if n not in gt_names]
+    if no_pred or no_gt:
+        problems = ([f"{len(no_pred)} ground-truth images without a prediction: {_listed(no_pred)}"] if no_pred else []) + (
+            [f"{len(no_gt)} predictions without ground truth: {_listed(no_gt)}"] if no_gt else [])
+        raise ValueError("images are paired by name; " + "; ".join(problems)
+                         + " (pair_by_order / --pair_by_order pairs them by position instead)")
     return [(name, tuple(by_name[name]), (inst, types)) for name, inst, types in gt]
 
 
@@ -225,12 +253,13 @@ def evaluate(
     radius_um: float = 3.0,
     pixel_size_um: float = 0.25,
     dummy_points: bool = False,
+    pair_by_order: bool = False,
 ) -> dict[str, object]:
     """Score predictions against ground truth.
 
     Args:
-        pred, gt: map sources (see :func:`load_maps`); images are paired by name, or by order when the
-            two sources have no name in common and the same length.
+        pred, gt: map sources (see :func:`load_maps`); images are paired by name (an image on one side only
+            is an error listing the names).
         num_classes: classes including background; default ``len(class_names)`` or 1 + the largest class
             found in either source.
         class_names: all class names, background first.
@@ -239,13 +268,14 @@ def evaluate(
         iou_threshold: PQ matching threshold.
         radius_um, pixel_size_um: detection radius (3 µm at 0.25 µm/px = 12 px, the reference's 40× value).
         dummy_points: reproduce the reference's dummy (0, 0) detection point in images without nuclei.
+        pair_by_order: pair the two sources position by position (in name order for folders) instead.
 
     Returns:
         JSON-ready dict ``{"config", "summary", "per_image"}`` (NaN written as None).
     """
     if pixel_size_um <= 0 or radius_um <= 0:
         raise ValueError(f"radius_um and pixel_size_um must be positive, got {radius_um}, {pixel_size_um}")
-    pairs = _pair(load_maps(pred, pred_keys), load_maps(gt, gt_keys))
+    pairs = _pair(load_maps(pred, pred_keys), load_maps(gt, gt_keys), pair_by_order)
     if not pairs:
         raise ValueError("no images to evaluate")
     if num_classes is None:
@@ -338,13 +368,6 @@ def write_report(result: Mapping[str, object], output_dir: str | Path, stem: str
     return json_path, md_path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(
     pred: str,
     gt: str,
@@ -358,11 +381,12 @@ def main(
     radius_um: float = 3.0,
     pixel_size_um: float = 0.25,
     dummy_points: bool = False,
+    pair_by_order: bool = False,
 ) -> None:
     """Command line: evaluate, write ``metrics.json`` and ``metrics.md`` into ``output_dir`` and print the tables."""
     result = evaluate(
         pred, gt, num_classes, class_names, tissues, pred_keys, gt_keys, iou_threshold, radius_um, pixel_size_um,
-        dummy_points,
+        dummy_points, pair_by_order,
     )
     json_path, md_path = write_report(result, output_dir)
     print(markdown_report(result))
