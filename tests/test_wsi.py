@@ -235,8 +235,8 @@ def test_a_killed_run_resumes_and_ends_with_the_outputs_of_an_uninterrupted_run(
     subprocess.run(script(tmp_path / "killed"), check=True, capture_output=True, timeout=600)
     assert done_before >= 5
     whole, resumed = outputs(tmp_path / "whole", "big"), outputs(tmp_path / "killed", "big")
-    assert whole.keys() == resumed.keys() == {"big.tif.csv", "big.tif.geojson", "big.tif_overlay.png",
-                                              "big.tif_mask.png"}
+    assert whole.keys() == resumed.keys() == {"big.tif.csv", "big.tif.geojson", "big.tif.parquet",
+                                              "big.tif_overlay.png", "big.tif_mask.png"}
     assert whole == resumed
     summary = json.loads((tmp_path / "killed" / "big.tif.json").read_text())
     assert summary["cells"] == json.loads((tmp_path / "whole" / "big.tif.json").read_text())["cells"] > 5000
@@ -321,7 +321,8 @@ def test_a_slide_named_like_a_hidden_file_writes_inside_the_output_folder(mosaic
     summary = run_slide(slide, tmp_path / "box" / "out", HematoxylinPredictor(), CLASSES, SETTINGS)
     assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["out"]
     assert {p.name for p in (tmp_path / "box" / "out").iterdir()} == {
-        ".dot.tif.geojson", ".dot.tif.csv", ".dot.tif_overlay.png", ".dot.tif_mask.png", ".dot.tif.json"}
+        ".dot.tif.geojson", ".dot.tif.csv", ".dot.tif.parquet", ".dot.tif_overlay.png", ".dot.tif_mask.png",
+        ".dot.tif.json"}
     assert summary["cells"] > 3
 
 
@@ -456,3 +457,36 @@ def test_empty_maps_and_thumbnails_are_refused_with_a_value_error():
     empty = TileMaps(0, 0, np.zeros((0, 0), np.float32), np.zeros((2, 0, 0), np.float32), None, len(CLASSES))
     with pytest.raises(ValueError, match=r"tile \(0, 0\): nuclei map must be a non-empty"):
         tile_cells(empty, TileGrid(256, 256))
+
+
+def test_the_parquet_cell_table_holds_the_csv_columns_and_shape_measurements(slide, mosaic, tmp_path):
+    import pyarrow.parquet as pq
+    from skimage.measure import regionprops
+
+    _, inst, types = mosaic
+    summary = run_slide(slide, tmp_path, GroundTruthPredictor(inst, types, len(CLASSES)), CLASSES, SETTINGS)
+    table = pq.read_table(tmp_path / "mosaic.tif.parquet").to_pydict()
+    with open(tmp_path / "mosaic.tif.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(table["id"]) == len(rows) == summary["cells"] > 100
+    assert table["id"] == [int(r["id"]) for r in rows] and table["type"] == [r["type"] for r in rows]
+    for column in ("x", "y", "x_um", "y_um", "probability", "area_um2"):
+        np.testing.assert_allclose(table[column], [float(r[column]) for r in rows], atol=0.006, rtol=1e-6)
+    compact = np.unique(inst, return_inverse=True)[1].reshape(inst.shape)
+    props = {p.label: p for p in regionprops(compact)}
+    labels = compact[np.floor(table["y"]).astype(int), np.floor(table["x"]).astype(int)]
+    whole = [i for i, label in enumerate(labels) if label > 0 and props[label].area >= 30]
+    eccentricity = np.array([props[labels[i]].eccentricity for i in whole])
+    solidity = np.array([props[labels[i]].solidity for i in whole])
+    perimeter = np.array([props[labels[i]].perimeter for i in whole]) * 0.25
+    assert np.median(np.abs(np.array(table["eccentricity"])[whole] - eccentricity)) < 0.05
+    assert np.median(np.abs(np.array(table["solidity"])[whole] - solidity)) < 0.05
+    assert np.median(np.abs(np.array(table["perimeter_um"])[whole] / perimeter - 1)) < 0.15
+
+
+def test_whole_slide_code_and_its_workers_import_without_torch():
+    code = ("import sys; import scripts.slides.wsi, scripts.slides.tile_cells, scripts.slides.workers; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai', 'torchvision')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "bundles" / "cellvta", capture_output=True,
+                          text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]"

@@ -26,7 +26,8 @@ class CellTable:
         area: (N,) int32 pixels.
         contour_xy: (M, 2) int32 ``(x, y)`` outer-contour vertices of all nuclei, one after the other.
         contour_start: (N + 1,) int64 nucleus ``i``'s vertices are ``contour_xy[contour_start[i]:contour_start[i+1]]``.
-        embedding: (N, D) float32 mean encoder token under the nucleus (D = 0 when not requested).
+        embedding: (N, D) float32 mean of the network's 1/16 bottleneck map under the nucleus' box (D = 0 when not
+            requested).
     """
 
     tile: np.ndarray

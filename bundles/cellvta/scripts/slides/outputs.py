@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+import shapely
 
 from ..files import atomic_path
 
@@ -159,3 +160,85 @@ class SlideOutputs:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> bool:
         return bool(self._stack.__exit__(kind, error, traceback))
+
+
+def morphometrics(rings: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Shape measurements of N closed polygon rings ((K + 1, 2) ``(x, y)``, first vertex repeated), computed in bulk.
+
+    Returns:
+        ``perimeter`` (N,) in the rings' units; ``solidity`` (N,) area over convex-hull area; ``eccentricity``
+        (N,) of the ellipse with the polygon's second moments (0 a circle, towards 1 a line).
+    """
+    if not len(rings):
+        return {k: np.zeros(0) for k in ("perimeter", "solidity", "eccentricity")}
+    counts = np.array([len(r) for r in rings])
+    coords = np.concatenate(rings).astype(np.float64)
+    polygons = shapely.polygons(shapely.linearrings(coords, indices=np.repeat(np.arange(len(rings)), counts)))
+    area = shapely.area(polygons)
+    hull = shapely.area(shapely.convex_hull(polygons))
+    # second moments by Green's theorem over each ring's edges (vertex i to i + 1 within a ring)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    x0, y0, x1, y1 = coords[:-1, 0], coords[:-1, 1], coords[1:, 0], coords[1:, 1]
+    cross = x0 * y1 - x1 * y0
+    edge = np.ones(len(coords) - 1, dtype=bool)
+    edge[(first + counts - 1)[:-1]] = False  # the step from one ring's last vertex to the next ring's first
+
+    def ring_sum(values: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(np.where(edge, values, 0.0), first)[: len(rings)]
+
+    signed = ring_sum(cross) / 2
+    safe = np.where(signed == 0, 1.0, signed)
+    cx, cy = ring_sum((x0 + x1) * cross) / (6 * safe), ring_sum((y0 + y1) * cross) / (6 * safe)
+    mu20 = ring_sum((x0 * x0 + x0 * x1 + x1 * x1) * cross) / (12 * safe) - cx * cx
+    mu02 = ring_sum((y0 * y0 + y0 * y1 + y1 * y1) * cross) / (12 * safe) - cy * cy
+    mu11 = ring_sum((x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) * cross) / (24 * safe) - cx * cy
+    half_gap = np.sqrt(((mu20 - mu02) / 2) ** 2 + mu11**2)
+    major, minor = (mu20 + mu02) / 2 + half_gap, np.maximum((mu20 + mu02) / 2 - half_gap, 0)
+    eccentricity = np.sqrt(np.clip(1 - minor / np.where(major > 0, major, 1), 0, 1))
+    solidity = np.where(hull > 0, area / np.where(hull > 0, hull, 1), 0.0)
+    return {"perimeter": shapely.length(polygons), "solidity": solidity,
+            "eccentricity": np.where(signed == 0, 0.0, eccentricity)}
+
+
+class ParquetStream:
+    """A columnar cell table (Parquet, one row group per block) written block by block.
+
+    Columns: ``id`` int64; ``x, y`` level-0 pixels and ``x_um, y_um`` float64; ``type_id`` int16, ``type`` string;
+    ``probability``, ``area_um2``, ``perimeter_um``, ``solidity``, ``eccentricity`` float32; and, when
+    ``embedding_dim`` > 0, ``embedding`` as a fixed-size list of float32.
+    """
+
+    def __init__(self, path: Path, embedding_dim: int = 0) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._pa = pa
+        floats = ["probability", "area_um2", "perimeter_um", "solidity", "eccentricity"]
+        fields = [pa.field("id", pa.int64())] + [pa.field(k, pa.float64()) for k in ("x", "y", "x_um", "y_um")]
+        fields += [pa.field("type_id", pa.int16()), pa.field("type", pa.string())]
+        fields += [pa.field(k, pa.float32()) for k in floats]
+        if embedding_dim:
+            fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
+        self.schema = pa.schema(fields)
+        self._writer = pq.ParquetWriter(path, self.schema)
+
+    def write(self, columns: dict[str, np.ndarray]) -> None:
+        """Append a block given as arrays by column name (``embedding`` (N, D) when present)."""
+        pa = self._pa
+        arrays = []
+        for field in self.schema:
+            values = np.asarray(columns[field.name])
+            if field.name == "embedding":
+                flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).ravel())
+                arrays.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1]))
+            elif field.name == "type":
+                arrays.append(pa.array(values.tolist(), pa.string()))
+            else:
+                arrays.append(pa.array(values.astype(field.type.to_pandas_dtype())))
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+
+    def close(self) -> None:
+        """Write the footer and close."""
+        self._writer.close()
+
+    discard = close

@@ -12,37 +12,16 @@ Both take ``(B, T, T, 3)`` uint8 RGB tiles and their top-left ``(x, y)`` in anal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
 from ..model.precision import prepare_for_inference
+from .tile_cells import PredictedMaps
 from ..data.transforms import hv_maps
 from ..nuclei.primitives import relabel_sequential
 
 __all__ = ["GroundTruthPredictor", "NetworkPredictor", "PredictedMaps"]
-
-
-@dataclass
-class PredictedMaps:
-    """Maps of a batch of B tiles of side T.
-
-    Attributes:
-        nuclei_prob: (B, T, T) float32 probability of the nucleus class.
-        hv_map: (B, 2, T, T) float32.
-        type_map: (B, T, T) uint8 per-pixel class, 0 background.
-        features: (B, D, T/16, T/16) float32 encoder tokens, or None.
-        inst_map: (B, T, T) int32 instances (1..N per tile) when the predictor segments them itself
-            (post-processing is then skipped), or None.
-    """
-
-    nuclei_prob: np.ndarray
-    hv_map: np.ndarray
-    type_map: np.ndarray
-    features: np.ndarray | None = None
-    inst_map: np.ndarray | None = None
 
 
 class NetworkPredictor:
@@ -52,7 +31,7 @@ class NetworkPredictor:
         network: the network, weights loaded; it is moved to ``device`` and put in eval mode.
         device: where to run.
         num_classes: classes of the type branch, background included.
-        embeddings: also return the encoder's 1/16 tokens for per-nucleus embeddings.
+        embeddings: also return the network's 1/16 bottleneck map (``features``) for per-nucleus embeddings.
         dtype: inference precision (default: :func:`.inference.default_precision`).
     """
 

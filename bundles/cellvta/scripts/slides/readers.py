@@ -25,10 +25,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from monai.utils import optional_import
 
-tifffile, _has_tifffile = optional_import("tifffile")
-openslide, _has_openslide = optional_import("openslide")
+try:  # both are requirements; without one, the other reader still works
+    import tifffile
+except ImportError:
+    tifffile = None
+try:
+    import openslide
+except ImportError:
+    openslide = None
+_has_tifffile, _has_openslide = tifffile is not None, openslide is not None
 
 __all__ = ["OpenSlideSlide", "Slide", "SlideError", "TiffSlide", "open_slide"]
 

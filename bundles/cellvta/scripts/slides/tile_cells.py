@@ -13,7 +13,7 @@ from .cell_table import CellTable
 from ..nuclei.postprocess import hovernet_postprocess, nuclei_from_instance_map
 from .tiling import TileGrid
 
-__all__ = ["TileMaps", "tile_cells"]
+__all__ = ["PredictedMaps", "TileMaps", "tile_cells"]
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TileMaps:
         hv_map: (2, T, T) float32 horizontal and vertical maps.
         type_map: (T, T) uint8 per-pixel class (argmax of the type branch, 0 background), or None.
         num_classes: number of classes of the type branch, background included.
-        features: (D, T/16, T/16) float32 encoder tokens for embeddings, or None.
+        features: (D, T/16, T/16) float32 bottleneck map for embeddings, or None.
         inst_map: (T, T) int32 instances 1..N already segmented (post-processing skipped), or None.
     """
 
@@ -36,6 +36,26 @@ class TileMaps:
     hv_map: np.ndarray
     type_map: np.ndarray | None
     num_classes: int
+    features: np.ndarray | None = None
+    inst_map: np.ndarray | None = None
+
+
+@dataclass
+class PredictedMaps:
+    """Maps of a batch of B tiles of side T.
+
+    Attributes:
+        nuclei_prob: (B, T, T) float32 probability of the nucleus class.
+        hv_map: (B, 2, T, T) float32.
+        type_map: (B, T, T) uint8 per-pixel class, 0 background.
+        features: (B, D, T/16, T/16) float32 bottleneck map (the adapter's fused map for CellVTA), or None.
+        inst_map: (B, T, T) int32 instances (1..N per tile) when the predictor segments them itself
+            (post-processing is then skipped), or None.
+    """
+
+    nuclei_prob: np.ndarray
+    hv_map: np.ndarray
+    type_map: np.ndarray
     features: np.ndarray | None = None
     inst_map: np.ndarray | None = None
 

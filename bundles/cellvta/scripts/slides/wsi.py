@@ -17,7 +17,10 @@ For each slide:
 
    * ``<slide>.geojson``: QuPath detections (class name and colour, measurements);
    * ``<slide>.csv``: ``id, x, y`` (level-0 pixels), ``x_um, y_um``, ``type_id, type, probability, area_um2``;
-   * ``<slide>_embeddings.npy`` and ``<slide>_embedding_ids.npy`` (optional): per nucleus the mean of the network's 1/16 bottleneck map (``features``) under its box;
+   * ``<slide>.parquet``: the same columns plus ``perimeter_um, solidity, eccentricity`` (and ``embedding`` when
+     requested), a columnar table (:class:`.outputs.ParquetStream`);
+   * ``<slide>_embeddings.npy`` and ``<slide>_embedding_ids.npy`` (optional): per nucleus the mean of the
+     network's 1/16 bottleneck map (``features``) under its box;
    * ``<slide>_overlay.png``: the thumbnail with every nucleus as a dot in its class colour;
    * ``<slide>.json``: the slide, the analysis settings, counts per class, written last (a slide with this file,
      the same settings and all its outputs is skipped when a cohort is run again; any other summary is deleted
@@ -48,11 +51,11 @@ from tqdm import tqdm
 from ..files import write_text_atomic
 from .cell_table import CellTable
 from .cohort import SLIDE_SUFFIXES, SlideEntry, list_slides
-from .outputs import CSVStream, GeoJSONStream, SlideOutputs, check_unique_names, geojson_features, output_path
-from .predictors import PredictedMaps
+from .outputs import (CSVStream, GeoJSONStream, ParquetStream, SlideOutputs, check_unique_names, geojson_features,
+                      morphometrics, output_path)
 from .readers import Slide, SlideError, open_slide
 from .regions import Region, find_region, read_region
-from .tile_cells import TileMaps, tile_cells
+from .tile_cells import PredictedMaps, TileMaps, tile_cells
 from .tiling import TileGrid
 from .tissue import pen_mask, tissue_mask
 from .workers import postprocess_pool
@@ -282,10 +285,18 @@ def _csv_rows(table: CellTable, ids: np.ndarray, geometry: SlideGeometry, class_
             for i, (x, y), t, p, a in zip(ids.tolist(), xy.tolist(), table.type, table.probability, area)]
 
 
-def _features(table: CellTable, ids: np.ndarray, geometry: SlideGeometry, class_names: Sequence[str]) -> list[str]:
-    area = table.area * (geometry.scale * geometry.mpp) ** 2
-    rings = closed_rings(table.contour_xy, table.contour_start, geometry.scale)
-    return geojson_features(rings, ids, table.type, table.probability, area, class_names, np.array(PALETTE))
+def _columns(table: CellTable, ids: np.ndarray, rings: list[np.ndarray], geometry: SlideGeometry,
+             class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The cell table's columns (:class:`.outputs.ParquetStream`) of one block of nuclei."""
+    xy = table.centroid * geometry.scale
+    shape = morphometrics(rings)
+    columns = {"id": ids, "x": xy[:, 0], "y": xy[:, 1],
+               "x_um": xy[:, 0] * geometry.mpp, "y_um": xy[:, 1] * geometry.mpp,
+               "type_id": table.type, "type": np.array([class_name(class_names, int(t)) for t in table.type], object),
+               "probability": table.probability, "area_um2": table.area * (geometry.scale * geometry.mpp) ** 2,
+               "perimeter_um": shape["perimeter"] * geometry.mpp, "solidity": shape["solidity"],
+               "eccentricity": shape["eccentricity"]}
+    return columns | ({"embedding": table.embedding} if table.embedding.shape[1] else {})
 
 
 class _EmbeddingStream:
@@ -307,7 +318,7 @@ class _EmbeddingStream:
         del self.store, self.ids
 
 
-OUTPUTS = (".geojson", ".csv", "_overlay.png", "_mask.png")
+OUTPUTS = (".geojson", ".csv", ".parquet", "_overlay.png", "_mask.png")
 EMBEDDING_OUTPUTS = ("_embeddings.npy", "_embedding_ids.npy")
 
 
@@ -357,6 +368,7 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
     """Write the parts into the temporaries ``tmp`` (by output suffix); return the nuclei count per class id."""
     geojson = GeoJSONStream(tmp[".geojson"])
     table_csv = CSVStream(tmp[".csv"], ["id", "x", "y", "x_um", "y_um", "type_id", "type", "probability", "area_um2"])
+    cells = ParquetStream(tmp[".parquet"], dim if embeddings else 0)
     vectors = _EmbeddingStream(tmp[EMBEDDING_OUTPUTS[0]], tmp[EMBEDDING_OUTPUTS[1]], total, dim) if embeddings else None
     colours = np.array([class_color(t) for t in range(len(class_names))], dtype=np.uint8)
     counts = np.zeros(len(class_names), dtype=np.int64)
@@ -368,8 +380,12 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
             table = table.select(_inside(table, geometry, region, thumbnail))
             ids = np.arange(next_id, next_id + len(table))
             next_id += len(table)
-            geojson.write(_features(table, ids, geometry, class_names))
+            rings = closed_rings(table.contour_xy, table.contour_start, geometry.scale)
+            area = table.area * (geometry.scale * geometry.mpp) ** 2
+            geojson.write(geojson_features(rings, ids, table.type, table.probability, area, class_names,
+                                           np.array(PALETTE)))
             table_csv.write(_csv_rows(table, ids, geometry, class_names))
+            cells.write(_columns(table, ids, rings, geometry, class_names))
             if vectors is not None:
                 vectors.write(ids, table.embedding)
             types = np.minimum(table.type, len(class_names) - 1)
@@ -379,9 +395,11 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
             overlay[dots[:, 1], dots[:, 0]] = colours[types]
         geojson.close()
         table_csv.close()
+        cells.close()
     except BaseException:
         geojson.discard()
         table_csv.discard()
+        cells.discard()
         raise
     finally:
         if vectors is not None:
