@@ -19,7 +19,8 @@ Formats recognised:
 * SAM image encoders in the segment-anything format (``image_encoder.*``; the prompt encoder and mask
   decoder are dropped, names mapped by timm's SAM filter) or in timm names; the neck's keys are dropped
   when the network does not use the neck;
-* hierarchical encoders: a timm checkpoint of the full model, loaded by timm's own loader (strict).
+* hierarchical encoders: a timm checkpoint of the full model (its classifier is dropped; every other key
+  is checked against the full timm model, then renamed to its ``features_only`` wrapper's names).
 """
 
 from __future__ import annotations
@@ -138,16 +139,30 @@ def _hub_state_dict(name: str, backbone: str, family: str) -> dict[str, torch.Te
     return model.state_dict()
 
 
-def _hierarchical_state_dict(path: str, backbone: str, network_kwargs: dict) -> dict[str, torch.Tensor]:
-    """A timm checkpoint of the full model, loaded strictly by timm into a ``features_only`` copy."""
+def _hierarchical_state_dict(path: str, backbone: str, network_kwargs: dict,
+                             target: nn.Module) -> dict[str, torch.Tensor]:
+    """A timm checkpoint of the full model, checked key by key against it, in the names of ``target``.
+
+    Keys are compared with the full timm model's (classifier excluded); ``target`` is its ``features_only``
+    wrapper, whose top-level sequential modules are flattened (``stages.0`` -> ``stages_0``).
+
+    Raises:
+        KeyError: missing and unexpected keys, named.
+    """
     preset = get_preset(backbone)
-    try:
-        model = timm.create_model(preset.model_name, features_only=True, pretrained=True,
-                                  pretrained_cfg_overlay={"file": path},
-                                  **{**preset.kwargs, **network_kwargs})
-    except RuntimeError as exc:  # torch's strict load_state_dict names missing / unexpected keys
-        raise KeyError(f"{path}: weights of the {backbone!r} encoder do not match: {exc}") from exc
-    return model.state_dict()
+    full = timm.create_model(preset.model_name, device="meta", **{**preset.kwargs, **network_kwargs})
+    classifier = full.pretrained_cfg.get("classifier") or ""
+
+    def kept(key: str) -> bool:
+        return not (classifier and key.startswith(f"{classifier}."))
+
+    state = {k: v for k, v in read_state_dict(path).items() if kept(k)}
+    expected = {k for k in full.state_dict() if kept(k)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise KeyError(f"{path}: weights of the {backbone!r} encoder do not match; missing {missing[:10]}, "
+                       f"unexpected {unexpected[:10]}")
+    return {k: state[k if k in expected else k.replace("_", ".", 1)] for k in target.state_dict()}
 
 
 def encoder_state_dict(network: nn.Module, source: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -157,7 +172,7 @@ def encoder_state_dict(network: nn.Module, source: str) -> tuple[nn.Module, dict
         target = network.encoder.backbone
         if source.startswith("hf-hub:"):
             return target, _hub_state_dict(source, backbone, family)
-        return target, _hierarchical_state_dict(source, backbone, network.vit_kwargs)
+        return target, _hierarchical_state_dict(source, backbone, network.vit_kwargs, target)
     target = network.encoder.vit
     preset = get_preset(backbone)
     if source.startswith("hf-hub:"):
