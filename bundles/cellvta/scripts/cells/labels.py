@@ -232,7 +232,8 @@ def match_points(points: PointLabels, centroids: np.ndarray, radius_px: float,
 
 
 def type_map_labels(ids: np.ndarray, label_path: str | Path, class_names: list[str]) -> list[str | None]:
-    """The dataset-layout class name of each nucleus id (None when its majority class is background 0).
+    """The dataset-layout class name of each nucleus id by the project's type vote (None when no pixel of the
+    nucleus has a foreground class).
 
     Args:
         ids: (N,) instance ids (of the label file's ``inst_map``).
