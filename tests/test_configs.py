@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,14 @@ def test_configs_dir_is_the_bundle_s_own(tmp_path, monkeypatch):
     parser = ConfigParser()
     parser.read_config(config_files("training"))
     assert Path(parser.get_parsed_content("mlflow_artifacts")[1]) == CONFIGS_DIR
+
+
+def test_an_unreadable_checkpoint_stops_the_workflow_with_one_line_naming_it(tmp_path):
+    missing = tmp_path / "nowhere" / "model.pt"
+    with pytest.raises(WorkflowError) as err:
+        run("training", bundle_root=str(tmp_path), demo_data={"n": 4, "size": 64, "seed": 0}, checkpoint=str(missing),
+            num_workers=0, **TINY)
+    message = str(err.value)
+    assert "\n" not in message and str(missing) in message and message.startswith("FileNotFoundError")
+    # the first key that reads the checkpoint: the image statistics or the network
+    assert re.search(r"\(config key '(image_mean|image_std|network)'\)$", message), message
