@@ -53,3 +53,26 @@ def test_upscale_protocol_sizes_are_in_the_evaluation_config():
     assert evaluate["upscale_blend_mode"] == defaults["mode"].default
     assert evaluate["upscale_sw_batch_size"] == defaults["sw_batch_size"].default
     assert "@upscale_crop_overlap, @upscale_blend_mode, @upscale_sw_batch_size" in evaluate["inferer"]
+
+
+def test_adapter_hyper_parameters_are_in_the_config_and_reach_the_network():
+    from monai.bundle import ConfigParser
+    from scripts.model.network import CellVTA
+
+    adapter = _load("train.yaml")["adapter"]
+    assert adapter == _load("common.yaml")["adapter"]
+    defaults = inspect.signature(CellVTA).parameters
+    assert set(adapter) == {"conv_inplane", "extra_extractors", "extractor_drop_path", "n_points", "deform_num_heads",
+                            "deform_ratio", "cffn_ratio", "init_values"}
+    assert adapter == {k: defaults[k].default for k in adapter}
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser.update({"backbone": "vit-t", "vit_kwargs": {"depth": 4}, "num_classes": 5, "num_tissues": 2,
+                   "adapter#init_values": 0.5, "adapter#n_points": 2, "adapter#conv_inplane": 16})
+    network = parser.get_parsed_content("network_def")
+    assert isinstance(network, CellVTA)
+    injector = network.encoder.interactions[0].injector
+    assert float(injector.gamma.detach()[0]) == 0.5 and injector.attn.n_points == 2
+    assert network.encoder.spm.fc1.in_channels == 16
+    parser.update({"use_adapter": False})
+    assert type(parser.get_parsed_content("network_def", lazy=False)).__name__ == "CellViT"
