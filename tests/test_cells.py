@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.cells.classifier import load_classifier, predict, save_classifier, train_classifier
+from scripts.cells.classifier import classification_metrics, load_classifier, predict, save_classifier, train_classifier
 from scripts.cells.embeddings import CellEmbedder, CellEmbeddings, pool_cells
 from scripts.cells.labels import ClassTable, PointLabels, match_points, read_point_csv, read_qupath_geojson
 from scripts.cells.workflow import dataset_items, run_classifying, run_embedding, run_training
@@ -43,6 +43,7 @@ def tiny_net():
     return CellViT("vit-t", num_nuclei_classes=5, num_tissue_classes=0, vit_kwargs={"depth": 4}).eval()
 
 
+@pytest.mark.slow
 def test_embeddings_equal_direct_computation(consep, tiny_net):
     """A real CoNSeP crop: ``vit`` = timm's own forward_features tokens pooled by hand; ``decoder`` through the
     type branch's last 1x1 convolution = the network's type logits averaged over the nucleus (it is linear)."""
@@ -69,6 +70,9 @@ def test_embeddings_equal_direct_computation(consep, tiny_net):
         np.testing.assert_allclose(e_dec.centroids[row], [np.nonzero(mask.numpy())[1].mean(),
                                                           np.nonzero(mask.numpy())[0].mean()], atol=1e-3)
     np.testing.assert_allclose(e_vit.head_probs.sum(1), 1.0, atol=1e-5)
+    encoder_only = CellEmbedder(tiny_net, "vit", type_head=False)(image, inst)
+    np.testing.assert_allclose(encoder_only.embeddings, e_vit.embeddings, atol=1e-6)
+    assert encoder_only.head_probs.shape == (len(ids), 0)
     assert e_vit.fingerprint == e_dec.fingerprint and len(e_vit.fingerprint) == 16
 
 
@@ -124,6 +128,18 @@ def test_point_csv_and_geojson_readers(tmp_path):
     np.testing.assert_array_equal(table.encode(g.labels, "img.geojson"), [0, 1, 1])
     with pytest.raises(ValueError, match=r"img.csv: unknown class\(es\) \['stroma'\]"):
         table.encode(["tumour", "stroma"], "img.csv")
+
+
+def test_classification_metrics_match_sklearn():
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.integers(0, 3, 300), rng.integers(0, 4, 300)   # class 3 predicted but never true
+    m = classification_metrics(y_true, y_pred, ["a", "b", "c", "d"])
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro"))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert m["confusion"] == confusion_matrix(y_true, y_pred, labels=[0, 1, 2, 3]).tolist()
+    assert m["per_class"]["d"]["support"] == 0 and m["accuracy"] == pytest.approx(np.mean(y_true == y_pred))
 
 
 def test_classifier_separable_save_load(tmp_path):

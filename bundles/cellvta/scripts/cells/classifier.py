@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import train_test_split
 from torch import nn
 
@@ -63,19 +62,25 @@ class TrainedClassifier:
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:
-    """Accuracy, balanced accuracy (mean recall of the classes present), macro-F1 (of the classes present), per-class precision/recall/F1/support and the confusion matrix
-    (rows true, columns predicted) of (N,) class ids."""
-    labels = np.arange(len(names))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    present = s > 0
+    """Accuracy, balanced accuracy (mean recall of the classes present), macro-F1 (of the classes present),
+    per-class precision/recall/F1/support and the confusion matrix (rows true, columns predicted) of (N,) class
+    ids in ``[0, len(names))``."""
+    k = len(names)
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    cm = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    tp, support, predicted = np.diag(cm).astype(float), cm.sum(1), cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    present = support > 0
     return {
         "n": int(len(y_true)),
-        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
-        "balanced_accuracy": float(r[present].mean()) if present.any() else 0.0,
-        "macro_f1": float(f[present].mean()) if present.any() else 0.0,
-        "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                      for i, n in enumerate(names)},
-        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "accuracy": float(tp.sum() / max(len(y_true), 1)),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {n: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, n in enumerate(names)},
+        "confusion": cm.tolist(),
     }
 
 

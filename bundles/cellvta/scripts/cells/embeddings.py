@@ -142,20 +142,26 @@ class CellEmbedder:
         device: where the network runs.
         branch: the decoder branch of the ``decoder`` source.
         magnification: of the images, for the post-processing of detected nuclei (40 or 20).
+        type_head: also pool the network's own type probabilities (``head_probs``); False with the ``vit``
+            source and given nuclei runs the encoder only (``head_probs`` is then ``(N, 0)``).
     """
 
     def __init__(self, network: nn.Module, source: str = "vit", device: torch.device | str = "cpu",
-                 branch: str = "nuclei_type_map", magnification: int = 40) -> None:
+                 branch: str = "nuclei_type_map", magnification: int = 40, type_head: bool = True) -> None:
         if source not in SOURCES:
             raise ValueError(f"unknown embedding source {source!r}; known: {list(SOURCES)}")
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.source = source
         self.magnification = magnification
+        self.type_head = type_head
         self.fingerprint = model_fingerprint(network)
         self._mean = torch.as_tensor(network.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._std = torch.as_tensor(network.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
         if source == "vit":
+            if not hasattr(network.encoder, "vit"):
+                raise ValueError(f"the 'vit' embedding source needs a ViT encoder ({type(network.encoder).__name__} "
+                                 "has none): use the 'decoder' source")
             self._vit = network.encoder.vit
             self._module = self._vit.blocks[-1]
         else:
@@ -167,14 +173,19 @@ class CellEmbedder:
         self._captured = output
 
     @torch.inference_mode()
-    def maps(self, image: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def maps(self, image: np.ndarray, decoder: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``image`` (H, W, 3) uint8 -> the source's feature map ``(D, H'/s, W'/s)`` and the network's maps
-        ``(1, C, H', W')``, for the image zero-padded at its bottom and right to ``H', W'`` multiples of 16."""
+        ``(1, C, H', W')``, for the image zero-padded at its bottom and right to ``H', W'`` multiples of 16.
+        ``decoder=False`` (``vit`` source only) runs the encoder alone and returns no maps."""
         height, width = image.shape[:2]
         ph, pw = -height % 16, -width % 16
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
         x = torch.nn.functional.pad((x - self._mean) / self._std, (0, pw, 0, ph)).to(self.device)
-        out = self.network(x)
+        if decoder or self.source != "vit":
+            out = self.network(x)
+        else:
+            self.network.encoder(x)
+            out = {}
         return self.features(height + ph, width + pw), out
 
     @torch.inference_mode()
@@ -190,29 +201,33 @@ class CellEmbedder:
 
     def __call__(self, image: np.ndarray, inst_map: np.ndarray | None = None, name: str = "") -> CellEmbeddings:
         """Embed the nuclei of ``inst_map`` (H, W) (ground truth), or, when None, those the network detects."""
-        features, out = self.maps(image)
+        features, out = self.maps(image, decoder=inst_map is None or self.type_head)
         return self.pool(features, out, inst_map, name, image.shape[:2])
 
     def pool(self, features: torch.Tensor, out: dict[str, torch.Tensor], inst_map: np.ndarray | None, name: str,
              size: tuple[int, int]) -> CellEmbeddings:
         """Embeddings from the output of :meth:`maps` (or :meth:`features`) for an image of ``size`` (H, W)."""
         height, width = size
-        probs = torch.softmax(out["nuclei_type_map"].float()[0], dim=0)
         if inst_map is None:
             nuclei = torch.softmax(out["nuclei_binary_map"].float()[0], dim=0)[1, :height, :width]
             inst_map, _ = hovernet_postprocess(nuclei.cpu().numpy(), out["hv_map"][0, :, :height, :width].float()
                                                .cpu().numpy(), None, self.magnification)
         if inst_map.shape != (height, width):
             raise ValueError(f"{name}: instance map {inst_map.shape} differs from the image {(height, width)}")
-        padded = np.zeros(probs.shape[-2:], np.int64)
+        scale = 16 if self.source == "vit" else 1
+        padded = np.zeros((features.shape[-2] * scale, features.shape[-1] * scale), np.int64)
         padded[:height, :width] = inst_map
         inst = torch.from_numpy(padded)
         ids = torch.unique(inst)
         ids = ids[ids > 0]
         emb = pool_cells(features, inst.to(features.device), ids.to(features.device))
-        head = pool_cells(probs, inst.to(probs.device), ids.to(probs.device))
+        if "nuclei_type_map" in out:
+            probs = torch.softmax(out["nuclei_type_map"].float()[0], dim=0)
+            head = pool_cells(probs, inst.to(probs.device), ids.to(probs.device)).cpu().numpy()
+        else:
+            head = np.zeros((len(ids), 0), np.float32)
         return CellEmbeddings(ids.numpy().astype(np.int32), _centroids(inst, ids),
-                              emb.cpu().numpy().astype(np.float32), head.cpu().numpy().astype(np.float32),
+                              emb.cpu().numpy().astype(np.float32), head.astype(np.float32),
                               self.source, self.fingerprint, name)
 
 
