@@ -201,7 +201,8 @@ def test_skip_blocks_choose_the_activations_that_reach_the_decoder():
     model = CellViT("vit-s", 4, 0, freeze="full", vit_kwargs={"depth": 8}, skip_blocks=[0, 2, 5, 7]).eval()
     vit, x = model.encoder.vit, images(1, 64)
     seen, decoder_in = {}, {}
-    hooks = [b.register_forward_hook(lambda _m, _i, out, i=i: seen.__setitem__(i, out)) for i, b in enumerate(vit.blocks)]
+    hooks = [b.register_forward_hook(lambda _m, _i, out, i=i: seen.__setitem__(i, out))
+             for i, b in enumerate(vit.blocks)]
     hooks += [getattr(model.decoder, f"decoder{i}").register_forward_hook(
         lambda _m, inputs, _o, i=i: decoder_in.__setitem__(i, inputs[0])) for i in (1, 2, 3)]
     hooks.append(model.decoder.branches["hv_map"].bottleneck_upsampler.register_forward_hook(

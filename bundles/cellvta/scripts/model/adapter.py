@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -334,9 +335,8 @@ class AdapterEncoder(nn.Module):
         vit_outs = []
         grid = (h // GRID_STRIDE, w // GRID_STRIDE)
         for interaction, group in zip(self.interactions, self.groups):
-            blocks = self.vit.blocks[group.start:group.stop]
-            tokens, prefix, c = interaction(tokens, prefix, c, lambda seq, b=blocks: run_blocks(self.vit, b, seq, grid),
-                                            layout, self.cls_through_blocks)
+            blocks = partial(run_blocks, self.vit, self.vit.blocks[group.start:group.stop], grid=grid)
+            tokens, prefix, c = interaction(tokens, prefix, c, blocks, layout, self.cls_through_blocks)
             vit_outs.append(tokens_to_map(tokens, h // 16, w // 16))
         grids = layout["spm_grids"]
         maps = [tokens_to_map(part, gh, gw) for part, (gh, gw) in zip(c.split([gh * gw for gh, gw in grids], 1), grids)]

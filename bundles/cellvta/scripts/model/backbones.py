@@ -159,7 +159,8 @@ def family_of(backbone: str) -> str:
     return "hierarchical"
 
 
-def image_statistics(backbone: str, official_normalization: bool = False) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def image_statistics(backbone: str,
+                     official_normalization: bool = False) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` of RGB in [0, 1] the backbone's weights expect, without building anything.
 
     Args:

@@ -139,7 +139,7 @@ class ViTEncoder(nn.Module):
         return (p for n, p in self.vit.named_parameters() if not n.startswith(("norm.", "neck.")))
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """``(B, 3, H, W)``, H and W multiples of 16 -> four ``(B, D, H/16, W/16)`` maps and tissue logits ``(B, T)``."""
+        """``(B, 3, H, W)``, H and W multiples of 16 -> four ``(B, D, H/16, W/16)`` maps, tissue logits ``(B, T)``."""
         h, w = x.shape[-2:]
         if h % GRID_STRIDE or w % GRID_STRIDE:
             raise ValueError(f"input size {h}x{w} must be a multiple of {GRID_STRIDE}")
