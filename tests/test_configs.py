@@ -76,6 +76,12 @@ def test_unknown_override_keys_are_refused_with_the_closest_key():
         check_overrides({"ouput_dir": "x"}, config)
     with pytest.raises(ValueError, match=r"no key 'splits#consep#vall'.*did you mean --splits#consep#val\?"):
         check_overrides({"splits#consep#vall": []}, config)
+    # a new key of a component must be an argument of its target
+    check_overrides({"train#trainer#epoch_length": 2, "validate#handlers#0#name": "x"}, config)
+    with pytest.raises(ValueError, match=r"no key 'train#trainer#max_epoch'.*did you mean --train#trainer#max_epochs\?"):
+        check_overrides({"train#trainer#max_epoch": 2}, config)
+    with pytest.raises(ValueError, match=r"did you mean --validate#handlers#0#iteration_log\?"):
+        check_overrides({"validate#handlers#0#iteration_logg": False}, config)
     with pytest.raises(ValueError, match=r"no key 'train#handlers#9'"):
         check_overrides({"train#handlers#9#tag_name": "x"}, config)
     with pytest.raises(ValueError, match=r"--epoch: .*--epochs.*; --lerning_rate: .*--learning_rate"):

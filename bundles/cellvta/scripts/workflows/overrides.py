@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import inspect
+import pydoc
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from monai.bundle import ConfigComponent
 from monai.bundle.utils import ID_SEP_KEY
 
 SEPARATORS = ("#", ID_SEP_KEY)
@@ -22,6 +25,22 @@ def config_ids(config: Any, prefix: str = "") -> list[str]:
     return ids
 
 
+def component_arguments(node: Mapping[str, Any]) -> set[str] | None:
+    """The keys a component (a dict with ``_target_``) accepts: its target's parameters and MONAI's own keys;
+    None when any key may be right (a ``$`` target, a target without a signature, or one taking ``**kwargs``)."""
+    target = node.get("_target_")
+    if not isinstance(target, str) or target.startswith("$"):
+        return None
+    found = pydoc.locate(ConfigComponent(dict(node)).resolve_module_name())
+    try:
+        parameters = inspect.signature(found).parameters.values() if found is not None else None
+    except (TypeError, ValueError):
+        parameters = None
+    if parameters is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters} | ConfigComponent.non_arg_keys
+
+
 def _split(key: str) -> list[str]:
     for sep in SEPARATORS[1:]:
         key = key.replace(sep, "#")
@@ -32,7 +51,7 @@ def unknown_override(key: str, config: Mapping[str, Any], known: Iterable[str]) 
     """Why ``key`` is not a valid override of ``config``, with the closest valid key; None when it is valid.
 
     A key is valid when its whole ``#`` path exists; the last part may also be new when its parent is a
-    component (a dict with ``_target_``), whose new keys become constructor arguments.
+    component (a dict with ``_target_``) that accepts it as an argument (see :func:`component_arguments`).
     """
     parts = _split(key)
     node: Any = config
@@ -44,7 +63,10 @@ def unknown_override(key: str, config: Mapping[str, Any], known: Iterable[str]) 
             node = node[int(part)]
             continue
         if depth == len(parts) - 1 and depth > 0 and isinstance(node, Mapping) and "_target_" in node:
-            return None
+            accepted = component_arguments(node)
+            if accepted is None or part in accepted:
+                return None
+            known = [f"{'#'.join(parts[:-1])}#{name}" for name in sorted(accepted)]
         close = difflib.get_close_matches("#".join(parts), list(known), n=1, cutoff=0.6)
         hint = f"; did you mean --{close[0]}?" if close else ""
         return f"--{key}: no key {'#'.join(parts[: depth + 1])!r} in the workflow's configs{hint}"
