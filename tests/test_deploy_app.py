@@ -187,8 +187,11 @@ def test_regions_are_read_at_the_network_resolution_or_refused_naming_the_level_
         _region(tmp_path, slide="no_mpp.tif", location=[0, 0], size=[64, 64])
     with pytest.raises(ValueError, match=r"req.json: level 2 does not exist \(.*with_mpp.tif has 2\)"):
         _region(tmp_path, slide="with_mpp.tif", location=[0, 0], size=[64, 64], level=2)
-    with pytest.raises(ValueError, match=r"req.json: location \[256, 0\] lies outside the slide \(256 x 256"):
+    with pytest.raises(ValueError, match=r"req.json: the region at \[256, 0\] of 64 x 64 pixels at level 0 reaches "
+                                         r"beyond the slide \(256 x 256 pixels"):
         _region(tmp_path, slide="with_mpp.tif", location=[256, 0], size=[64, 64])
+    with pytest.raises(ValueError, match=r"req.json: the region at \[224, 0\] .* reaches beyond the slide"):
+        _region(tmp_path, slide="with_mpp.tif", location=[224, 0], size=[64, 64])  # partly outside
 
     # the request states the resolution the file lacks; level 1 (downsample 2) then has the network's resolution
     loaded = _region(tmp_path, slide="no_mpp.tif", location=[128, 64], size=[64, 32], level=1, mpp=0.125)
@@ -356,11 +359,15 @@ def runs(consep, probe_model, tmp_path_factory) -> dict[str, Path | subprocess.C
         (app_in / f"{name}.json").write_text(json.dumps(
             {"slide": "slide.tif", "location": [128, 0], "size": [128, 128], "backend": backend}))
     (broken_in / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _write_png(broken_in / "good.png", _crop(consep, TILE_A))
+    _write_slide(broken_in / "slide.tif", _mosaic(consep), SLIDE_MPP)
+    (broken_in / "edge.json").write_text(json.dumps({"slide": "slide.tif", "location": [200, 0], "size": [128, 128]}))
+    (broken_in / "typo.json").write_text(json.dumps({"slide": "slide.tif", "locaton": [0, 0], "size": [64, 64]}))
     staged, map_env = _map_environment(root, probe_model)
 
     processes = {
         "workflow": _popen([sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file",
-                            "configs/inference.yaml", "--args_file", str(probe_model / "overrides.json"),
+                            "['configs/common.yaml','configs/inference.yaml']", "--args_file", str(probe_model / "overrides.json"),
                             "--bundle_root", str(root), "--model_dir", str(probe_model), "--input_dir", str(tiles),
                             "--output_dir", str(root / "workflow_out"), "--num_workers", "0"], cwd=BUNDLE),
         "app": _popen(_app_command(APP_DIR, "-i", str(app_in), "-o", str(root / "app_out"), "-m", str(probe_model)),
@@ -434,11 +441,31 @@ def test_the_staged_map_folder_runs_alone_in_the_map_environment(runs, tmp_path)
 
 @pytest.mark.slow
 @needs_sdk
-def test_the_app_stops_with_an_error_naming_a_corrupt_input(runs):
-    result = runs["broken"]
-    assert result.returncode != 0
-    assert f"{runs['broken_in'] / 'broken.png'}: not a readable image" in result.stdout
-    assert not list(runs["broken_out"].glob("broken*"))
+def test_inputs_that_cannot_be_read_are_reported_and_the_others_analysed(runs):
+    result, out, folder = runs["broken"], runs["broken_out"], runs["broken_in"]
+    assert result.returncode == 1
+    # the good tile beside the bad inputs gets its outputs, equal to those of the same tile in the other run
+    assert sorted(p.name for p in out.iterdir()) == ["failures.json", "good.geojson", "good.npz", "good_overlay.png"]
+    good, same = np.load(out / "good.npz"), np.load(runs["app"] / "a.npz")
+    assert np.array_equal(good["inst_map"], same["inst_map"])
+    failures = {Path(f["input"]).name: f["error"] for f in json.loads((out / "failures.json").read_text())["failures"]}
+    assert sorted(failures) == ["broken.png", "edge.json", "typo.json"]
+    assert failures["broken.png"].startswith(f"{folder / 'broken.png'}: not a readable image")
+    assert "edge.json: the region at [200, 0] of 128 x 128 pixels at level 0 reaches beyond the slide" in \
+        failures["edge.json"]
+    assert "typo.json: unknown keys ['locaton']" in failures["typo.json"]
+    assert "1 input(s) analysed; 3 could not be read" in result.stdout
+    assert "Traceback" not in result.stdout
+    # Holoscan's CUDA-driver warning and its scheduler's "deadlock" at a normal end are not shown
+    assert "deadlock" not in result.stdout and "CUDA driver" not in result.stdout
+
+
+@needs_sdk
+def test_help_lists_the_apps_own_options():
+    result = subprocess.run([sys.executable, str(APP_DIR), "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0
+    for option in ("-i INPUT, --input INPUT", "-o OUTPUT, --output OUTPUT", "-m MODEL, --model MODEL", "failures.json"):
+        assert option in result.stdout
 
 
 # --- the deploy environment -------------------------------------------------------------------------------------

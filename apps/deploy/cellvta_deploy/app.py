@@ -25,7 +25,8 @@ class CellVTADeployApp(Application):
         config_path: the application config (``app.yaml``); its ``cellvta`` section holds the app's settings.
 
     Input (``-i``), output (``-o``) and model (``-m``) paths come from the command line or the ``HOLOSCAN_*``
-    variables of a MAP; without a model path the bundle's ``models/`` folder is used.
+    variables of a MAP; without a model path the bundle's ``models/`` folder is used. After ``run()``,
+    ``writer.done`` and ``writer.failures`` tell which inputs were analysed and which could not be read.
     """
 
     name = "cellvta"
@@ -35,6 +36,7 @@ class CellVTADeployApp(Application):
     def __init__(self, bundle_dir: Path, config_path: Path) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.config_path = Path(config_path)
+        self.writer: NucleiWriterOperator | None = None
         super().__init__()
         self.config(str(self.config_path))
 
@@ -53,5 +55,6 @@ class CellVTADeployApp(Application):
         inference = CellVTAInferenceOperator(self, pipeline=pipeline, name="inference")
         writer = NucleiWriterOperator(self, output_dir=Path(context.output_path), class_names=pipeline.class_names,
                                       maps=settings.maps, overlays=settings.overlays, name="writer")
+        self.writer = writer
         self.add_flow(loader, inference, {("image", "image")})
         self.add_flow(inference, writer, {("nuclei", "nuclei")})

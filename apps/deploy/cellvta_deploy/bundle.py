@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,6 @@ from monai.inferers import Inferer
 from torch import nn
 
 INFERENCE_CONFIG = Path("configs") / "inference.yaml"
-# the inference workflow is the shared config followed by its own
-WORKFLOW_CONFIGS = (Path("configs") / "common.yaml", INFERENCE_CONFIG)
 MODEL_FILE = "model.pt"
 CLASS_TABLE = "dataset.json"
 OVERRIDES_FILE = "overrides.json"
@@ -98,17 +95,6 @@ def read_overrides(model_dir: Path) -> dict[str, Any]:
     if not isinstance(overrides, dict):
         raise ValueError(f"{path}: expected a JSON object of config keys, got {type(overrides).__name__}")
     return overrides
-
-
-@contextlib.contextmanager
-def _working_dir(path: Path) -> Iterator[None]:
-    """Run inside ``path`` (``contextlib.chdir`` needs Python 3.11; MAP base images may have 3.10)."""
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 @dataclass
@@ -182,31 +168,31 @@ def load_pipeline(bundle_dir: Path, model_dir: Path) -> CellVTAPipeline:
         if not (model_dir / name).is_file():
             raise FileNotFoundError(
                 f"{model_dir / name}: not found (a model folder holds {MODEL_FILE} and {CLASS_TABLE})")
+    from scripts.workflows.configs import config_files
+
     parser = ConfigParser()
-    parser.read_config([str(bundle_dir / f) for f in WORKFLOW_CONFIGS])
+    parser.read_config(config_files("inferring"))
     overrides = read_overrides(model_dir)
     parser.update(overrides)
     parser.update({"bundle_root": str(bundle_dir), "model_dir": str(model_dir),
                    "checkpoint": str(model_dir / MODEL_FILE)})
-    # the configs include configs/common.yaml by a path relative to the bundle folder
-    with _working_dir(bundle_dir):
-        parser.parse()
-        parser.get_parsed_content("initialize")
-        try:
-            network = parser.get_parsed_content("inference_network").eval()
-        except RuntimeError as err:  # the config parser wraps the loader's KeyError / ValueError
-            if not isinstance(err.__cause__, (KeyError, ValueError)):
-                raise
-            reason = err.__cause__.args[0] if err.__cause__.args else err.__cause__
-            raise ValueError(f"{model_dir / MODEL_FILE} does not fit the network of {INFERENCE_CONFIG} with "
-                             f"overrides {overrides}: {reason}") from err
-        return CellVTAPipeline(
-            preprocessing=parser.get_parsed_content("preprocessing"),
-            network=network,
-            inferer=parser.get_parsed_content("inferer"),
-            postprocessing=parser.get_parsed_content("postprocessing"),
-            class_names=list(parser.get_parsed_content("classes")),
-            magnification=int(parser.get_parsed_content("magnification")),
-            device=parser.get_parsed_content("device"),
-            amp=bool(parser.get_parsed_content("amp")),
-        )
+    parser.parse()
+    parser.get_parsed_content("initialize")
+    try:
+        network = parser.get_parsed_content("inference_network").eval()
+    except RuntimeError as err:  # the config parser wraps the loader's KeyError / ValueError
+        if not isinstance(err.__cause__, (KeyError, ValueError)):
+            raise
+        reason = err.__cause__.args[0] if err.__cause__.args else err.__cause__
+        raise ValueError(f"{model_dir / MODEL_FILE} does not fit the network of {INFERENCE_CONFIG} with "
+                         f"overrides {overrides}: {reason}") from err
+    return CellVTAPipeline(
+        preprocessing=parser.get_parsed_content("preprocessing"),
+        network=network,
+        inferer=parser.get_parsed_content("inferer"),
+        postprocessing=parser.get_parsed_content("postprocessing"),
+        class_names=list(parser.get_parsed_content("classes")),
+        magnification=int(parser.get_parsed_content("magnification")),
+        device=parser.get_parsed_content("device"),
+        amp=bool(parser.get_parsed_content("amp")),
+    )

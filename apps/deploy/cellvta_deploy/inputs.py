@@ -60,11 +60,12 @@ class RegionRequest:
 
 @dataclass(frozen=True)
 class InputItem:
-    """One image to analyse: a tile file, or a region request (``region`` set)."""
+    """One image to analyse: a tile file, or a region request (``region`` set; ``error`` when the request is bad)."""
 
     name: str
     path: Path
     region: RegionRequest | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -77,13 +78,15 @@ class LoadedImage:
         image: (H, W, 3) uint8 RGB.
         origin: ``(x, y)`` of the image's top-left pixel in level-0 pixels ((0, 0) for a tile).
         downsample: level-0 pixels per image pixel (1 for a tile).
+        error: why the input could not be read (``image`` is then None); the other inputs go on.
     """
 
     name: str
     source: Path
-    image: np.ndarray
+    image: np.ndarray | None
     origin: tuple[float, float] = (0.0, 0.0)
     downsample: float = 1.0
+    error: str | None = None
 
 
 def _pair(value: object, key: str, source: Path, positive: bool) -> tuple[int, int]:
@@ -137,18 +140,24 @@ def read_region_request(path: Path) -> RegionRequest:
 def scan_inputs(path: Path) -> list[InputItem]:
     """The tiles and region requests of the input path, sorted by name.
 
+    A bad region request becomes an item with its ``error`` (the other inputs are still analysed).
+
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: nothing to analyse, a file of another kind given directly, two inputs with the same name, or a
-            bad region request.
+        ValueError: nothing to analyse, a file of another kind given directly, or two inputs with the same name.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: input not found")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     requests = [p for p in files if p.suffix.lower() == REQUEST_SUFFIX]
-    items = [InputItem(p.stem, p, read_region_request(p)) for p in requests]
-    slides = {item.region.slide for item in items}
+    items = []
+    for request in requests:
+        try:
+            items.append(InputItem(request.stem, request, read_region_request(request)))
+        except (ValueError, FileNotFoundError) as err:
+            items.append(InputItem(request.stem, request, error=str(err)))
+    slides = {item.region.slide for item in items if item.region is not None}
     items += [InputItem(p.stem, p) for p in files if p.suffix.lower() in TILE_SUFFIXES and p.resolve() not in slides]
     if path.is_file() and not items:
         raise ValueError(f"{path}: not a tile ({', '.join(TILE_SUFFIXES)}) or a region request ({REQUEST_SUFFIX})")
@@ -190,16 +199,23 @@ def read_region(request: RegionRequest, magnification: int) -> LoadedImage:
                              f"network expects {wanted:.4g} µm/px ({magnification}x); {hint}")
         x, y = (round(v / downsample) for v in request.location)
         (width, height), (lw, lh) = request.size, slide.level_dimensions[request.level]
-        if x >= lw or y >= lh:
-            raise ValueError(f"{request.source}: location {list(request.location)} lies outside the slide "
-                             f"({slide.dimensions[0]} x {slide.dimensions[1]} level-0 pixels)")
+        if x + width > lw or y + height > lh:
+            raise ValueError(f"{request.source}: the region at {list(request.location)} of {width} x {height} pixels "
+                             f"at level {request.level} reaches beyond the slide ({lw} x {lh} pixels at that level)")
         image = slide.read_region(x, y, width, height, request.level)
     return LoadedImage(name=request.source.stem, source=request.source, image=image,
                        origin=(x * downsample, y * downsample), downsample=downsample)
 
 
 def load_item(item: InputItem, magnification: int) -> LoadedImage:
-    """Read a tile, or the region of a request (see :func:`read_region`)."""
+    """Read a tile, or the region of a request (see :func:`read_region`).
+
+    Raises:
+        ValueError / OSError: the input's problem (a bad request found by :func:`scan_inputs`, an unreadable
+            image or region), naming the file.
+    """
+    if item.error is not None:
+        raise ValueError(item.error)
     if item.region is not None:
         return read_region(item.region, magnification)
     return LoadedImage(name=item.name, source=item.path, image=read_image(item.path))

@@ -5,18 +5,24 @@
 * :class:`CellVTAInferenceOperator` receives it, runs the bundle's pipeline and emits
   ``{"loaded": LoadedImage, "prediction": NucleiPrediction}`` on ``nuclei``;
 * :class:`NucleiWriterOperator` receives that and writes the image's outputs (:func:`~.outputs.write_outputs`).
+
+An input that cannot be read travels through the graph with its ``error`` and no image: the writer records it
+in ``failures.json`` of the output folder and the other inputs are analysed as usual.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from monai.deploy.core import ExecutionContext, Fragment, InputContext, Operator, OperatorSpec, OutputContext
 
 from .bundle import CellVTAPipeline
-from .inputs import InputItem, load_item
+from .inputs import InputItem, LoadedImage, load_item
 from .outputs import write_outputs
+
+FAILURES_FILE = "failures.json"
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +48,12 @@ class ImageLoaderOperator(Operator):
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         item = self.items[self._next]
         self._next += 1
-        op_output.emit(load_item(item, self.magnification), "image")
+        try:
+            loaded = load_item(item, self.magnification)
+        except (ValueError, OSError) as err:
+            logger.error("%s", err)
+            loaded = LoadedImage(name=item.name, source=item.path, image=None, error=str(err))
+        op_output.emit(loaded, "image")
 
 
 class CellVTAInferenceOperator(Operator):
@@ -63,7 +74,8 @@ class CellVTAInferenceOperator(Operator):
 
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         loaded = op_input.receive("image")
-        op_output.emit({"loaded": loaded, "prediction": self.pipeline(loaded.image)}, "nuclei")
+        prediction = None if loaded.error is not None else self.pipeline(loaded.image)
+        op_output.emit({"loaded": loaded, "prediction": prediction}, "nuclei")
 
 
 class NucleiWriterOperator(Operator):
@@ -83,6 +95,8 @@ class NucleiWriterOperator(Operator):
         self.class_names = list(class_names)
         self.maps = maps
         self.overlays = overlays
+        self.done: list[str] = []
+        self.failures: list[dict[str, str]] = []
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -91,5 +105,15 @@ class NucleiWriterOperator(Operator):
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         received = op_input.receive("nuclei")
         loaded, prediction = received["loaded"], received["prediction"]
+        if loaded.error is not None:
+            self.failures.append({"input": str(loaded.source), "error": loaded.error})
+            self._write_failures()
+            return
         write_outputs(self.output_dir, loaded, prediction, self.class_names, self.maps, self.overlays)
+        self.done.append(str(loaded.source))
         logger.info("%s: %d nuclei -> %s", loaded.source, len(prediction.nuclei), self.output_dir)
+
+    def _write_failures(self) -> None:
+        from scripts.files import write_text_atomic
+
+        write_text_atomic(self.output_dir / FAILURES_FILE, json.dumps({"failures": self.failures}, indent=1))
