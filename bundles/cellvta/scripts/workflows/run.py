@@ -37,15 +37,16 @@ def run(
             ``final_id``) pass through unchecked.
 
     Raises:
-        WorkflowError: an override key the configs do not define, or any error while the workflow runs.
+        WorkflowError: a config file that cannot be read, an override key the configs do not define, or any
+            error while the workflow runs.
     """
     run_args = {k: override.pop(k) for k in ("meta_file", "logging_file", "tracking", "args_file", "init_id",
                                              "final_id") if k in override}
     try:
         files = config_file if config_file is not None else config_files(workflow)
         check_overrides(override, ConfigParser.load_config_files(files))
-    except ValueError as err:
-        raise WorkflowError(str(err)) from err
+    except (ValueError, OSError) as err:
+        raise WorkflowError(str(err) if isinstance(err, ValueError) else one_line(err)) from err
     try:
         wf = create_workflow(config_file=files, run_id=workflow, **run_args, **override)
         wf.run()
