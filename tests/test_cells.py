@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,24 @@ def test_workflow_dataset_and_points(consep, tiny_net, tmp_path):
     c.save(emb_dir / "p0.npz")
     with pytest.raises(RuntimeError, match="classifier.pt: trained on the embeddings of another model"):
         run_classifying(str(emb_dir), str(out / "classifier.pt"), str(tmp_path / "cells2"))
+
+
+def test_cells_config_resolves(monkeypatch, tmp_path):
+    """configs/cells.yaml merged over common.yaml: its keys resolve and its workflows name real functions."""
+    from monai.bundle import ConfigParser
+
+    from scripts.cells import workflow
+    from scripts.cells.embeddings import SOURCES
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1] / "bundles" / "cellvta")
+    parser = ConfigParser()
+    parser.read_config(["configs/common.yaml", "configs/cells.yaml"])
+    parser["bundle_root"] = str(tmp_path)
+    assert parser.get_parsed_content("classifier_path") == str(tmp_path / "models" / "classifier.pt")
+    assert parser.get_parsed_content("embedding_source") in SOURCES
+    assert parser.get_parsed_content("cells") is workflow
+    assert len(ClassTable.from_config(parser.get_parsed_content("classifier_classes")).names) >= 2
+    for key, function in (("embedding", "run_embedding"), ("training_classifier", "run_training"),
+                          ("classifying", "run_classifying")):
+        assert f"@cells.{function}(" in parser.get(key)[0] and callable(getattr(workflow, function))
+    assert parser.get("run") == "@training_classifier"
