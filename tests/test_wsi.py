@@ -209,6 +209,7 @@ run_slide({slide!r}, {out!r}, GroundTruthPredictor(gt["inst"], gt["types"], 5, p
 """
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_and_ends_with_the_outputs_of_an_uninterrupted_run(mosaic, tmp_path):
     image, inst, types = mosaic
     big = PeriodicImage(np.ascontiguousarray(image[:768, :768]), 3000, 3000)
@@ -490,3 +491,14 @@ def test_whole_slide_code_and_its_workers_import_without_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "bundles" / "cellvta", capture_output=True,
                           text=True, timeout=300, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_whole_slide_defaults_are_written_once_in_the_config():
+    import dataclasses
+
+    import yaml
+
+    config = yaml.safe_load((ROOT / "bundles" / "cellvta" / "configs" / "wsi_inference.yaml").read_text())
+    fields = [f.name for f in dataclasses.fields(WSISettings)]
+    assert config["settings"] == {"_target_": "scripts.slides.wsi.WSISettings", **{k: f"@{k}" for k in fields}}
+    assert dataclasses.asdict(WSISettings()) == {k: config[k] for k in fields}

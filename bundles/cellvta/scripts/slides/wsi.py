@@ -46,6 +46,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 from tqdm import tqdm
 
 from ..files import write_text_atomic
@@ -67,9 +68,25 @@ __all__ = ["SLIDE_SUFFIXES", "SlideGeometry", "WSISettings", "list_slides", "run
 Predictor = Callable[[np.ndarray, np.ndarray], PredictedMaps]
 
 
+SETTINGS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "wsi_inference.yaml"
+
+
+def _config_defaults(path: Path = SETTINGS_CONFIG) -> dict:
+    """The top-level keys of ``configs/wsi_inference.yaml``: the one place the whole-slide defaults are written."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as err:
+        raise ImportError(f"{path}: the whole-slide defaults cannot be read ({err})") from err
+
+
+_DEFAULTS = _config_defaults()
+
+
 @dataclass(frozen=True)
 class WSISettings:
-    """How slides are analysed (every field is a key of ``configs/wsi_inference.yaml``).
+    """How slides are analysed. Every field is a key of ``configs/wsi_inference.yaml``, whose value is the field's
+    default (read from that file, the one place the defaults are written).
 
     Attributes:
         target_mpp: microns per pixel the network was trained at (0.25 for 40x models).
@@ -94,30 +111,30 @@ class WSISettings:
             Macenko's reference H&E).
     """
 
-    target_mpp: float = 0.25
-    mpp: float | None = None
-    mpp_tolerance: float = 0.15
-    tile_size: int = 256
-    overlap: int = 64
-    magnification: int = 40
-    batch_size: int = 8
-    postprocess_workers: int = 2
-    read_threads: int = 2
-    backend: str = "auto"
-    thumbnail_size: int = 2048
-    min_saturation: int = 20
-    min_tissue_fraction: float = 0.05
-    chunk_tiles: int = 64
-    embeddings: bool = False
-    exclude_pen_marks: bool = False
-    pen_hue_min: int = 35
-    pen_hue_max: int = 125
-    pen_min_saturation: int = 120
-    pen_max_black_value: int = 40
-    stain_normalization: bool = False
-    stain_reference: str | None = None
-    stain_vectors: Sequence[Sequence[float]] | None = None
-    stain_max_concentrations: Sequence[float] | None = None
+    target_mpp: float = _DEFAULTS["target_mpp"]
+    mpp: float | None = _DEFAULTS["mpp"]
+    mpp_tolerance: float = _DEFAULTS["mpp_tolerance"]
+    tile_size: int = _DEFAULTS["tile_size"]
+    overlap: int = _DEFAULTS["overlap"]
+    magnification: int = _DEFAULTS["magnification"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    postprocess_workers: int = _DEFAULTS["postprocess_workers"]
+    read_threads: int = _DEFAULTS["read_threads"]
+    backend: str = _DEFAULTS["backend"]
+    thumbnail_size: int = _DEFAULTS["thumbnail_size"]
+    min_saturation: int = _DEFAULTS["min_saturation"]
+    min_tissue_fraction: float = _DEFAULTS["min_tissue_fraction"]
+    chunk_tiles: int = _DEFAULTS["chunk_tiles"]
+    embeddings: bool = _DEFAULTS["embeddings"]
+    exclude_pen_marks: bool = _DEFAULTS["exclude_pen_marks"]
+    pen_hue_min: int = _DEFAULTS["pen_hue_min"]
+    pen_hue_max: int = _DEFAULTS["pen_hue_max"]
+    pen_min_saturation: int = _DEFAULTS["pen_min_saturation"]
+    pen_max_black_value: int = _DEFAULTS["pen_max_black_value"]
+    stain_normalization: bool = _DEFAULTS["stain_normalization"]
+    stain_reference: str | None = _DEFAULTS["stain_reference"]
+    stain_vectors: Sequence[Sequence[float]] | None = _DEFAULTS["stain_vectors"]
+    stain_max_concentrations: Sequence[float] | None = _DEFAULTS["stain_max_concentrations"]
 
 
 @dataclass(frozen=True)
@@ -346,10 +363,10 @@ def _inside(table: CellTable, geometry: SlideGeometry, region: Region | None, th
 
 
 def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry: SlideGeometry,
-              thumbnail: _Thumbnail, class_names: Sequence[str], embeddings: bool, region: Region | None
-              ) -> np.ndarray:
+              thumbnail: _Thumbnail, class_names: Sequence[str], embeddings: bool, region: Region | None,
+              timings: dict[str, float]) -> np.ndarray:
     """Stream the parts into the outputs, published together when all are complete; return the nuclei count per
-    class id."""
+    class id (``timings``: see :func:`_stream`)."""
     total = 0
     dim = 0
     for k in range(n_parts):
@@ -359,13 +376,16 @@ def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry
     with SlideOutputs(output_dir, name, OUTPUTS + (EMBEDDING_OUTPUTS if embeddings else ())) as tmp:
         if not cv2.imwrite(str(tmp["_mask.png"]), thumbnail.analysed.astype(np.uint8) * 255):
             raise OSError(f"could not write {tmp['_mask.png']}")
-        return _stream(parts, n_parts, tmp, total, dim, geometry, thumbnail, class_names, embeddings, region)
+        return _stream(parts, n_parts, tmp, total, dim, geometry, thumbnail, class_names, embeddings, region,
+                       timings)
 
 
 def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: int, geometry: SlideGeometry,
-            thumbnail: _Thumbnail, class_names: Sequence[str], embeddings: bool, region: Region | None
-            ) -> np.ndarray:
-    """Write the parts into the temporaries ``tmp`` (by output suffix); return the nuclei count per class id."""
+            thumbnail: _Thumbnail, class_names: Sequence[str], embeddings: bool, region: Region | None,
+            timings: dict[str, float]) -> np.ndarray:
+    """Write the parts into the temporaries ``tmp`` (by output suffix); return the nuclei count per class id and
+    add the seconds spent formatting and writing each table format to ``timings`` (the polygons, shared by
+    GeoJSON and Parquet, count for GeoJSON)."""
     geojson = GeoJSONStream(tmp[".geojson"])
     table_csv = CSVStream(tmp[".csv"], ["id", "x", "y", "x_um", "y_um", "type_id", "type", "probability", "area_um2"])
     cells = ParquetStream(tmp[".parquet"], dim if embeddings else 0)
@@ -374,18 +394,25 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
     counts = np.zeros(len(class_names), dtype=np.int64)
     overlay = thumbnail.image.copy()
     next_id = 1
+    clock = time.perf_counter
     try:
         for k in range(n_parts):
             table = CellTable.load(parts.path(k))
             table = table.select(_inside(table, geometry, region, thumbnail))
             ids = np.arange(next_id, next_id + len(table))
             next_id += len(table)
+            t0 = clock()
             rings = closed_rings(table.contour_xy, table.contour_start, geometry.scale)
             area = table.area * (geometry.scale * geometry.mpp) ** 2
             geojson.write(geojson_features(rings, ids, table.type, table.probability, area, class_names,
                                            np.array(PALETTE)))
+            t1 = clock()
             table_csv.write(_csv_rows(table, ids, geometry, class_names))
+            t2 = clock()
             cells.write(_columns(table, ids, rings, geometry, class_names))
+            t3 = clock()
+            for suffix, seconds in ((".geojson", t1 - t0), (".csv", t2 - t1), (".parquet", t3 - t2)):
+                timings[suffix] = timings.get(suffix, 0.0) + seconds
             if vectors is not None:
                 vectors.write(ids, table.embedding)
             types = np.minimum(table.type, len(class_names) - 1)
@@ -471,8 +498,9 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
         with progress:
             _predict_parts(slide, geometry, grid, todo, parts, predictor, settings, pool, progress, stain)
         view = _Thumbnail(thumbnail, thumb_scale, analysed, ink)
+        timings: dict[str, float] = {}
         counts = _assemble(parts, len(chunks), output_dir, name, geometry, view, class_names, settings.embeddings,
-                           region)
+                           region, timings)
         width, height = slide.dimensions
     summary = {
         "slide": str(slide_path), "width": width, "height": height, "mpp": geometry.mpp,
@@ -482,6 +510,7 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
         "settings": asdict(settings), "predictor": predictor_id, "fingerprint": fingerprint,
         "roi": None if region is None else str(region.source),
         "seconds": round(time.perf_counter() - started, 2),
+        "write_seconds": {suffix.lstrip("."): round(t, 2) for suffix, t in timings.items()},
         "outputs": [f"{name}{suffix}" for suffix in OUTPUTS + (EMBEDDING_OUTPUTS if settings.embeddings else ())],
     }
     write_text_atomic(summary_path, json.dumps(summary, indent=1))
