@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from ..files import write_text_atomic
 from .cell_table import CellTable
-from .cohort import SLIDE_SUFFIXES, SlideEntry, list_slides
+from .cohort import SLIDE_SUFFIXES, list_slides
 from .outputs import (CSVStream, GeoJSONStream, ParquetStream, SlideOutputs, check_unique_names, geojson_features,
                       morphometrics, output_path)
 from .readers import Slide, SlideError, open_slide
