@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_monailabel_app import NETWORK, Server, label_python, write_png  # noqa: F401 (fixture)
+from test_monailabel_app import NETWORK, Server, label_python, pyramid, write_png  # noqa: F401
 
 # starting the server (about 75 s on 2 shared cores) is paid by the module's first test
 pytestmark = pytest.mark.slow
@@ -29,30 +29,16 @@ CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"
 def untrained_model(folder: Path, network: dict) -> Path:
     """A model folder (weights of a freshly initialised network, class table, network record)."""
     from cellvta_label.bundle import bundle_parser
-    from cellvta_label.config import INFERENCE_CONFIG
 
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "cellvta"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "dataset.json").write_text(json.dumps({"classes": CLASSES, "tissues": ["colon"], "magnification": 40,
                                                      "samples": []}))
-    parser = bundle_parser(bundle, INFERENCE_CONFIG, {"model_dir": str(folder), **network})
+    parser = bundle_parser(bundle, "inferring", {"model_dir": str(folder), **network})
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), folder / "model.pt")
     (folder / "overrides.json").write_text(json.dumps(network))
     return folder
-
-
-def pyramid(path: Path, rgb: np.ndarray, mpp: float) -> Path:
-    """A tiled TIFF with level 0 and a half-resolution level 1, recording ``mpp`` microns per level-0 pixel."""
-    import tifffile
-
-    per_cm = 1e4 / mpp
-    half = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(rgb, tile=(128, 128), photometric="rgb", compression="zlib", subifds=1,
-                  resolution=(per_cm, per_cm), resolutionunit=3)
-        tif.write(half, tile=(128, 128), photometric="rgb", compression="zlib", subfiletype=1)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +196,7 @@ def test_malformed_labels_are_refused_and_leave_nothing(guarded):
 
 
 def test_deleting_a_label_removes_its_file_and_state(guarded, consep):
-    from tests.test_monailabel_app import asap_xml, gt_polygons
+    from test_monailabel_app import asap_xml, gt_polygons
 
     i = TILES["tile_b"]
     polygons = gt_polygons(consep["inst_map"][i][:128, :128], consep["type_map"][i][:128, :128], CLASSES)

@@ -33,8 +33,8 @@ sys.path.insert(0, str(APP))
 
 from cellvta_label.checkpoints import carry_over  # noqa: E402
 from cellvta_label.dataset import patches, split  # noqa: E402
-from cellvta_label.labels import class_table, rasterize, read_maps, read_polygons  # noqa: E402
-from cellvta_label.regions import read_region  # noqa: E402
+from cellvta_label.labels import class_table, rasterize, read_maps, read_polygons, validate_label  # noqa: E402
+from cellvta_label.regions import check_slide_request, read_region  # noqa: E402
 from cellvta_label.uncertainty import (  # noqa: E402
     dihedral,
     enable_mc_dropout,
@@ -139,6 +139,55 @@ def test_label_files_with_problems_are_rejected_naming_the_file(tmp_path):
         read_maps(maps, (8, 8), 5)
     with pytest.raises(ValueError, match=r"class names \['mitosis'\] are not in the requested classes"):
         class_table(CONSEP_CLASSES, ["other", "mitosis"], requested=["other", "spindle-shaped"])
+
+
+def test_labels_are_validated_against_their_image(tmp_path):
+    ring = [[5, 5], [30, 5], [30, 30], [5, 5]]
+
+    def geojson(name, features):
+        path = tmp_path / name
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        return path
+
+    good = geojson("good.geojson", [{"geometry": {"type": "Polygon", "coordinates": [ring]},
+                                     "properties": {"classification": {"name": "new class"}}}])
+    validate_label(good, (64, 48), 5)  # a class the served table lacks is allowed (appended when training)
+    with pytest.raises(ValueError, match=r"nucleus 0 \(new class\) at x 5..30, y 5..30 lies outside the image of "
+                                         r"4 x 4 pixels"):
+        validate_label(good, (4, 4), 5)
+    for features, message in (("oops", "expected a GeoJSON FeatureCollection"),
+                              (["oops"], "no labelled nuclei"),
+                              ([{"geometry": {"type": "Polygon", "coordinates": "xy"},
+                                 "properties": {"name": "a"}}], "feature 0 has malformed Polygon coordinates")):
+        with pytest.raises(ValueError, match=message):
+            validate_label(geojson("bad.geojson", features), (64, 48), 5)
+    (tmp_path / "maps.npz").write_bytes(b"PK not a zip")
+    with pytest.raises(ValueError, match="maps.npz: not a label npz"):
+        validate_label(tmp_path / "maps.npz", (8, 8), 5)
+    np.savez(tmp_path / "maps.npz", inst_map=np.zeros((8, 6), np.int32), type_map=np.zeros((8, 6), np.uint8))
+    validate_label(tmp_path / "maps.npz", (6, 8), 5)  # extent is (width, height)
+    with pytest.raises(ValueError, match=r"differ from the image size \(6, 8\)"):
+        validate_label(tmp_path / "maps.npz", (8, 6), 5)
+
+
+def test_slide_requests_are_checked_against_the_pyramid_and_its_resolution(tmp_path):
+    rgb = np.full((256, 384, 3), 200, np.uint8)
+    slide = pyramid(tmp_path / "s.tif", rgb, mpp=0.25)
+    assert check_slide_request(slide, 0, [0, 0], [384, 256], 0.25, 0.15) is None
+    assert check_slide_request(slide, 1, [0, 0], [192, 128], 0.5, 0.15) is None  # a 20x network reads level 1
+    for args, message in (((1, [0, 0], [64, 64], 0.25), r"level 1 is 0.5 um/px .* 0.25 um/px .*; level 0 has it"),
+                          ((0, [0, 0], [64, 64], 1.0), "no level has it"),
+                          ((2, [0, 0], [64, 64], 0.25), r"level 2 requested, the slide has levels 0..1"),
+                          ((0, [0, -1], [64, 64], 0.25), "negative"),
+                          ((1, [320, 0], [64, 64], 0.5), r"reaches beyond the slide \(384 x 256")):
+        with pytest.raises(ValueError, match=message):
+            check_slide_request(slide, *args, 0.15)
+    # a slide without a resolution is read as asked, with a warning
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "plain.tif", rgb, tile=(128, 128), photometric="rgb")
+    assert "does not record its resolution" in check_slide_request(tmp_path / "plain.tif", 0, [0, 0], [64, 64],
+                                                                    0.25, 0.15)
 
 
 def test_regions_read_the_requested_area_with_clipped_context(consep):
@@ -246,9 +295,11 @@ def bundle_args(**overrides) -> list[str]:
     return args
 
 
-def run_bundle(python: str | Path, workflow: str, config: str, **overrides) -> None:
-    """A workflow of the bundle, run by ``python``."""
-    cmd = [str(python), "-m", "monai.bundle", "run", workflow, "--config_file", f"configs/{config}",
+def run_bundle(python: str | Path, workflow: str, **overrides) -> None:
+    """A workflow of the bundle (``training``, ``inferring``: its config files), run by ``python``."""
+    from scripts.workflows.configs import config_files
+
+    cmd = [str(python), "-m", "monai.bundle", "run", workflow, "--config_file", repr(config_files(workflow)),
            *bundle_args(**overrides)]
     result = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=1200,
                             env={**os.environ, **OP_ENV})
@@ -275,10 +326,23 @@ def trained(consep, tmp_path_factory) -> Path:
                            consep["type_map"][i][window], split_name)
     root = tmp_path_factory.mktemp("bundle_run")
     # 24 steps of the decoder (the ViT stays at its initialisation): enough to find nuclei
-    run_bundle(sys.executable, "training", "train.yaml", dataset_dir=str(data), dataset_name="folder",
+    run_bundle(sys.executable, "training", dataset_dir=str(data), dataset_name="folder",
                bundle_root=str(root), epochs=6, batch_size=4, learning_rate=0.001, augment=False, freeze="decoder_only",
                progress_bar=False)
     return root / "models"
+
+
+def pyramid(path: Path, rgb: np.ndarray, mpp: float) -> Path:
+    """A tiled TIFF with level 0 and a half-resolution level 1, recording ``mpp`` microns per level-0 pixel."""
+    import tifffile
+
+    per_cm = 1e4 / mpp
+    half = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(128, 128), photometric="rgb", compression="zlib", subifds=1,
+                  resolution=(per_cm, per_cm), resolutionunit=3)
+        tif.write(half, tile=(128, 128), photometric="rgb", compression="zlib", subfiletype=1)
+    return path
 
 
 def free_port() -> int:
@@ -305,20 +369,22 @@ def studies(consep, tmp_path_factory) -> dict:
 class Server:
     """The app started as documented (``python apps/monailabel``), on 127.0.0.1 and a free port."""
 
-    def __init__(self, python: Path, studies: Path, model_dir: Path, work_dir: Path, log: Path) -> None:
+    def __init__(self, python: Path, studies: Path, model_dir: Path, work_dir: Path, log: Path,
+                 args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.studies, self.model_dir = studies, model_dir
+        self.studies, self.model_dir, self.work_dir = studies, model_dir, work_dir
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        if args is None:
+            args = ["--conf", "overrides", json.dumps(NETWORK)]
         cmd = [str(python), str(APP), "--studies", str(studies), "--model_dir", str(model_dir),
-               "--port", str(self.port), "--conf", "work_dir", str(work_dir),
-               "--conf", "overrides", json.dumps(NETWORK), "--conf", "margin", "16",
-               "--conf", "uncertainty_samples", "2"]
-        env = {**os.environ, **OP_ENV, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+               "--port", str(self.port), "--conf", "work_dir", str(work_dir), "--conf", "margin", "16",
+               "--conf", "uncertainty_samples", "2", *args]
+        env = {**os.environ, **OP_ENV, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", **(env or {})}
         self.process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
 
-    def wait_ready(self, timeout: float = 600) -> None:
+    def wait_ready(self, timeout: float = 600, headers: dict[str, str] | None = None) -> None:
         import requests
 
         deadline = time.monotonic() + timeout
@@ -326,7 +392,7 @@ class Server:
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=30).status_code == 200:
+                if requests.get(f"{self.url}/info/", headers=headers, timeout=30).status_code == 200:
                     return
             except requests.ConnectionError:
                 pass
@@ -368,7 +434,7 @@ def reference(label_python, trained, studies, tmp_path_factory) -> dict:
              write_png(images / "slide_crop.png", slide[64:64 + TILE, 96:96 + TILE]),
              write_png(images / "slide.png", slide)]
     out = tmp_path_factory.mktemp("reference")
-    run_bundle(label_python, "inferring", "inference.yaml", bundle_root=str(trained.parent),
+    run_bundle(label_python, "inferring", bundle_root=str(trained.parent),
                input_images=[str(p) for p in paths], output_dir=str(out))
     return {p.stem: {"features": json.loads((out / f"{p.stem}.geojson").read_text())["features"],
                      "type_map": np.load(out / f"{p.stem}.npz")["type_map"]} for p in paths}
@@ -403,6 +469,7 @@ def asap_set(xml: bytes) -> set[tuple]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # pays for training the served model, the reference inference and the server's start
 def test_info_describes_the_served_model_and_the_strategies(server):
     import requests
 
@@ -522,8 +589,13 @@ def test_training_fine_tunes_on_the_saved_label_and_publishes(server):
     stats = json.loads((server.model_dir / "train_stats.json").read_text())
     classes = [*CONSEP_CLASSES, "lymphocyte"]
     assert stats["classes"] == classes and stats["train"] == stats["val"] == ["consep_a"]
-    assert stats["epochs"] == 1 and 0.0 <= stats["best_val_bpq"] <= 1.0
+    # the best metric comes from the file the run's BestMetricWriter wrote
+    best = stats["best_metric"]
+    assert json.loads((server.work_dir / stats["run"] / "models" / "best_metric.json").read_text()) == best
+    assert stats["epochs"] == 1 and best["metric"] == "val_bpq" and best["epoch"] == 1 and 0.0 <= best["value"] <= 1.0
     assert json.loads((server.model_dir / "dataset.json").read_text())["classes"] == classes
+    # the published model folder describes its network, so the next start needs no overrides
+    assert json.loads((server.model_dir / "overrides.json").read_text()).items() >= NETWORK.items()
     assert (server.model_dir / "model.pt").read_bytes() != before
     info = requests.get(f"{server.url}/info/", timeout=60).json()
     assert info["models"]["cellvta"]["labels"] == {name: i for i, name in enumerate(classes) if i}

@@ -14,12 +14,32 @@ authentication, and writes nothing into the app folder. MONAI Label's settings (
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent
+#: signatures accepted on MONAI Label's tokens (Keycloak signs realm tokens with RS256 by default)
+TOKEN_ALGORITHMS = ("RS256",)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address (or ``localhost``) that only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def own_origins(host: str, port: int, tls: bool) -> list[str]:
+    """The browser origins of the server itself (its loopback names when bound to a loopback address)."""
+    scheme = "https" if tls else "http"
+    hosts = ["127.0.0.1", "localhost"] if is_loopback(host) else [host]
+    return [f"{scheme}://{h}:{port}" for h in hosts]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(APP_DIR))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH")) if p)
 
-    from cellvta_label.server import is_loopback, load_token, own_origins, secure
     from monailabel.config import settings
 
     if not settings.MONAI_LABEL_AUTH_ENABLE and not is_loopback(args.host) and not args.allow_unauthenticated:
@@ -70,8 +89,12 @@ def main(argv: list[str] | None = None) -> None:
                          "an SSH tunnel to 127.0.0.1, or pass --allow_unauthenticated")
     if not settings.MONAI_LABEL_CORS_ORIGINS:
         settings.MONAI_LABEL_CORS_ORIGINS = own_origins(args.host, args.port, bool(args.ssl_certfile))
+    from cellvta_label.server import accept_token_algorithms, load_token, secure
+
     token = None
-    if not settings.MONAI_LABEL_AUTH_ENABLE:
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        accept_token_algorithms(TOKEN_ALGORITHMS)
+    else:
         default_token = Path.home() / ".cellvta_label_token" if remote else studies / ".cellvta_token"
         token_file = Path(args.token_file or default_token)
         token = load_token(token_file)

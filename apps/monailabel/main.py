@@ -116,10 +116,10 @@ class CellVTAApp(MONAILabelApp):
     def _resolution(self) -> tuple[float, float]:
         """Microns per pixel the served network was trained at, and the relative tolerance, from the bundle's
         whole-slide config (``target_mpp`` at ``magnification``, ``mpp_tolerance``) and the model's magnification."""
-        from cellvta_label.bundle import bundle_parser
+        from monai.bundle import ConfigParser
         from scripts.data.datasets import read_info
 
-        wsi = bundle_parser(self.app_config.bundle, WSI_CONFIG, {})
+        wsi = ConfigParser.load_config_file(str(self.app_config.bundle / WSI_CONFIG))
         scale = float(wsi.get("magnification", 40)) / float(read_info(self.app_config.model_dir).magnification)
         return float(wsi.get("target_mpp", 0.25)) * scale, float(wsi.get("mpp_tolerance", 0.15))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from torch import nn
 
-from .config import INFERENCE_CONFIG, AppConfig
+from .config import INFERENCE_WORKFLOW, AppConfig
 
 MODEL_FILE = "model.pt"
 CLASS_TABLE = "dataset.json"
@@ -63,23 +63,18 @@ def use_bundle_scripts(bundle: Path) -> None:
         sys.path.insert(0, path)
 
 
-def absolute_macros(config: Any, configs_dir: Path) -> Any:
-    """The config with its ``%configs/<file>#<id>`` macros pointing at ``configs_dir``, so that it parses from
-    any working directory (MONAI resolves a macro's file relative to the current directory)."""
-    if isinstance(config, str) and config.startswith("%configs/"):
-        return f"%{configs_dir / config[len('%configs/'):]}"
-    if isinstance(config, dict):
-        return {k: absolute_macros(v, configs_dir) for k, v in config.items()}
-    if isinstance(config, list):
-        return [absolute_macros(v, configs_dir) for v in config]
-    return config
+def workflow_configs(workflow: str) -> list[str]:
+    """The config files (absolute paths, merged in order) of one of the bundle's workflows."""
+    from scripts.workflows.configs import config_files
+
+    return config_files(workflow)
 
 
-def bundle_parser(bundle: Path, config_files: Sequence[Path], overrides: Mapping[str, Any]) -> ConfigParser:
-    """A parser of the bundle's ``config_files`` (merged in order) with ``bundle_root`` set to the bundle and
+def bundle_parser(bundle: Path, workflow: str, overrides: Mapping[str, Any]) -> ConfigParser:
+    """A parser of the configs of the bundle's ``workflow`` with ``bundle_root`` set to the bundle and
     ``overrides`` applied."""
-    config = ConfigParser.load_config_files([str(bundle / f) for f in config_files])
-    parser = ConfigParser(absolute_macros(config, bundle / "configs"))
+    parser = ConfigParser()
+    parser.read_config(workflow_configs(workflow))
     parser.update({"bundle_root": str(bundle), **overrides})
     return parser
 
@@ -133,7 +128,7 @@ class BundleModel:
             version = self.version()
             if version != self._version or self._parser is None:
                 self._parser = bundle_parser(
-                    self.config.bundle, INFERENCE_CONFIG,
+                    self.config.bundle, INFERENCE_WORKFLOW,
                     {"model_dir": str(self.config.model_dir), **self.settings()},
                 )
                 self._networks.clear()
@@ -155,7 +150,7 @@ class BundleModel:
         except (KeyError, ValueError, RuntimeError) as err:
             cause = err.__cause__ if isinstance(err, RuntimeError) and err.__cause__ is not None else err
             reason = cause.args[0] if cause.args else cause
-            raise ValueError(f"{self.model_file} does not fit the network of {INFERENCE_CONFIG[-1]} with settings "
+            raise ValueError(f"{self.model_file} does not fit the network of the {INFERENCE_WORKFLOW} configs with "
                              f"{self.settings()}: {reason}") from err
 
     def _content(self, key: str, lazy: bool = True) -> Any:

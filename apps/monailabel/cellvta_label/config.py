@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# each workflow is the shared config followed by its own, as ``--config_file "['configs/common.yaml', ...]"``
-COMMON_CONFIG = Path("configs") / "common.yaml"
-INFERENCE_CONFIG = (COMMON_CONFIG, Path("configs") / "inference.yaml")
-TRAIN_CONFIG = (COMMON_CONFIG, Path("configs") / "train.yaml")
-WSI_CONFIG = (Path("configs") / "wsi_inference.yaml",)
+# the bundle's workflows whose configs the app uses (``scripts.workflows.configs`` lists their files)
+INFERENCE_WORKFLOW = "inferring"
+TRAIN_WORKFLOW = "training"
+WSI_CONFIG = Path("configs") / "wsi_inference.yaml"
 
 
 def _json_object(conf: Mapping[str, str], key: str) -> dict[str, Any]:
@@ -72,7 +71,7 @@ class AppConfig:
     def from_conf(cls, app_dir: str | Path, conf: Mapping[str, str]) -> AppConfig:
         """Settings from MONAI Label's conf; paths default to the repository's bundle and its ``models/``."""
         bundle = Path(conf.get("bundle") or Path(app_dir).resolve().parents[1] / "bundles" / "cellvta").resolve()
-        for needed in {*INFERENCE_CONFIG, *TRAIN_CONFIG}:
+        for needed in (Path("configs") / "inference.yaml", Path("configs") / "train.yaml", WSI_CONFIG):
             if not (bundle / needed).is_file():
                 raise FileNotFoundError(f"{bundle / needed}: not found; --conf bundle must name the CellVTA bundle")
         model_dir = Path(conf.get("model_dir") or bundle / "models").resolve()

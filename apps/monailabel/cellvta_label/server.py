@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -34,23 +33,6 @@ SLOW_PREFIXES = ("/infer", "/activelearning", "/datastore", "/scoring", "/batch"
 ID_PARAMETERS = ("image", "id", "label", "tag")
 
 
-def is_loopback(host: str) -> bool:
-    """True for an address (or ``localhost``) that only this machine can reach."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def own_origins(host: str, port: int, tls: bool) -> list[str]:
-    """The browser origins of the server itself (its loopback names when bound to a loopback address)."""
-    scheme = "https" if tls else "http"
-    hosts = ["127.0.0.1", "localhost"] if is_loopback(host) else [host]
-    return [f"{scheme}://{h}:{port}" for h in hosts]
-
-
 def load_token(path: Path) -> str:
     """The download token stored in ``path``, created (random, readable by the owner only) when absent."""
     if path.is_file():
@@ -64,6 +46,21 @@ def load_token(path: Path) -> str:
     tmp.write_text(token + "\n")
     tmp.replace(path)
     return token
+
+
+def accept_token_algorithms(algorithms: Sequence[str]) -> None:
+    """Make MONAI Label's token check work: its ``from_token`` calls ``jwt.decode(token, key, options=...)``
+    without ``algorithms``, which PyJWT 2 (the version MONAI Label 0.8.5 requires) refuses, so every token
+    would be rejected. Its auth module gets a ``jwt`` whose ``decode`` accepts only ``algorithms``."""
+    import jwt
+    from monailabel.endpoints.user import auth
+
+    class _Jwt:
+        @staticmethod
+        def decode(token: str, key: str, **kwargs):
+            return jwt.decode(token, key, algorithms=list(algorithms), **kwargs)
+
+    auth.jwt = _Jwt
 
 
 def _bad_id(value: str) -> bool:

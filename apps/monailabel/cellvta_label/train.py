@@ -14,9 +14,9 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from .bundle import CLASS_TABLE, MODEL_FILE, NETWORK_RECORD, BundleModel, bundle_parser
+from .bundle import CLASS_TABLE, MODEL_FILE, NETWORK_RECORD, BundleModel, bundle_parser, workflow_configs
 from .checkpoints import carry_over
-from .config import TRAIN_CONFIG, AppConfig
+from .config import TRAIN_WORKFLOW, AppConfig
 from .dataset import LabelledImage, label_names, write_dataset
 from .labels import class_table
 
@@ -87,7 +87,7 @@ class CellVTATrain(TrainTask):
         classes = class_table(current, label_names(items), _classes_param(params["classes"]), "datastore labels")
         info = self._served_info() if served else None
         network = self.model.settings()
-        patch_size = int(bundle_parser(self.app_config.bundle, TRAIN_CONFIG, network).get_parsed_content("patch_size"))
+        patch_size = int(bundle_parser(self.app_config.bundle, TRAIN_WORKFLOW, network).get_parsed_content("patch_size"))
         splits = write_dataset(
             items, run_dir / "data", classes, info.tissues if info else ["tissue"],
             info.magnification if info else 40, patch_size, float(params["val_split"]), int(params["seed"]),
@@ -123,7 +123,7 @@ class CellVTATrain(TrainTask):
             return self.model.model_file
         from scripts.model.weights import read_state_dict
 
-        parser = bundle_parser(self.app_config.bundle, TRAIN_CONFIG, {
+        parser = bundle_parser(self.app_config.bundle, TRAIN_WORKFLOW, {
             "dataset_dir": str(run_dir / "data"), "dataset_name": "folder", **network,
         })
         fresh = parser.get_parsed_content("network_def", instantiate=True).state_dict()
@@ -156,8 +156,8 @@ class CellVTATrain(TrainTask):
         }
         if initial is not None:
             overrides["checkpoint"] = str(initial)
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-               repr([str(f) for f in TRAIN_CONFIG])]
+        cmd = [sys.executable, "-m", "monai.bundle", "run", TRAIN_WORKFLOW, "--config_file",
+               repr(workflow_configs(TRAIN_WORKFLOW))]
         for key, value in overrides.items():
             cmd += [f"--{key}", repr(value)]
         log = run_dir / "train.log"
