@@ -16,10 +16,11 @@ and decoder embeddings carry what the network learnt; rerun the benchmark there.
 Sources: ``vit`` (last-block tokens pooled over each nucleus; encoder only) on ``vit_patches`` patches with the
 pixel baseline; ``decoder``, the type branch and ``vit`` again on the first ``full_patches`` of them (the whole
 network runs). Head: the classifier of ``configs/cells.yaml``, trained with 5..100 labelled nuclei per class and
-with all (on the whole-network patches: ``full_labels_per_class`` and all), ``curve_seeds`` seeds each; macro-F1 and balanced accuracy on the held-out nuclei. The head's training
-time is measured on ``timing_cells`` nuclei (train nuclei drawn with replacement, 10% noise
-so that no two rows are equal) for a fixed ``timing_epochs`` epochs. Last stdout line: the JSON result (also ``bench/results/cells.json``)
-and the curve ``bench/results/cells_curve.png``.
+with all (on the whole-network patches: ``full_labels_per_class`` and all), ``curve_seeds`` seeds each;
+macro-F1 and balanced accuracy on the held-out nuclei. The head's training time is measured on ``timing_cells``
+nuclei (train nuclei drawn with replacement, 10% noise so that no two rows are equal) for a fixed
+``timing_epochs`` epochs. Last stdout line: the JSON result (also ``bench/results/cells.json``) and the curve
+``bench/results/cells_curve.png``.
 
     python bench/cells.py
     python bench/cells.py --vit-patches 6 --full-patches 3 --seeds 1 --no-record   # a smoke run

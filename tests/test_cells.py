@@ -202,7 +202,8 @@ def test_workflow_dataset_and_points(consep, tiny_net, tmp_path):
     labels.mkdir()
     for name in ("p0", "p40"):
         c = CellEmbeddings.load(emb_dir / f"{name}.npz")
-        rows = ["x,y,label"] + [f"{x + 1},{y},{'immune' if k % 2 else 'tissue'}" for k, (x, y) in enumerate(c.centroids)]
+        rows = ["x,y,label"] + [f"{x + 1},{y},{'immune' if k % 2 else 'tissue'}"
+                                for k, (x, y) in enumerate(c.centroids)]
         (labels / f"{name}.csv").write_text("\n".join(rows + ["127,0,immune"]) + "\n")
     summary = run_training(str(emb_dir), classes, str(tmp_path / "m2"), "points", str(labels), hidden=0, epochs=5,
                            match_radius_um=0.5, mpp=0.25)

@@ -203,7 +203,8 @@ def match_points(points: PointLabels, centroids: np.ndarray, radius_px: float,
     if n:
         k = min(2, n)
         # scipy keeps neighbours strictly nearer than the bound: the next float makes the radius inclusive
-        d, i = cKDTree(np.asarray(centroids, np.float64)).query(xy, k=k, distance_upper_bound=np.nextafter(radius_px, np.inf))
+        bound = np.nextafter(radius_px, np.inf)
+        d, i = cKDTree(np.asarray(centroids, np.float64)).query(xy, k=k, distance_upper_bound=bound)
         d, i = d.reshape(len(xy), k), i.reshape(len(xy), k)
         cell = i[:, 0].copy()
         if k == 2:

@@ -24,11 +24,11 @@ import torch
 
 from ..data.datasets import dataset_list, read_image
 from ..files import write_bytes_atomic, write_text_atomic
-from .classifier import classification_metrics, load_classifier, predict, save_classifier, train_classifier
+from .classifier import load_classifier, predict, save_classifier, train_classifier
 from .embeddings import CellEmbedder, CellEmbeddings, embed_files
 from .labels import ClassTable, match_points, read_points, type_map_labels
 
-__all__ = ["dataset_items", "image_items", "run_embedding", "run_training", "run_classifying"]
+__all__ = ["CellsWorkflowError", "dataset_items", "image_items", "run_embedding", "run_training", "run_classifying"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -44,7 +44,8 @@ def _fail_on(errors: list[str], what: str) -> None:
 
 def dataset_items(dataset_dir: str, split: str | list[str] | None = None) -> list[dict]:
     """The samples of a dataset in the bundle's layout (their ground-truth nuclei get embedded)."""
-    return [{"image": s["image"], "inst_map": s["inst_map"], "name": s["name"]} for s in dataset_list(dataset_dir, split)]
+    return [{"image": s["image"], "inst_map": s["inst_map"], "name": s["name"]}
+            for s in dataset_list(dataset_dir, split)]
 
 
 def image_items(input_dir: str) -> list[dict]:
@@ -154,7 +155,8 @@ def _markdown(summary: dict) -> str:
              f"{summary['train_cells']} nuclei in {summary['epochs']} epochs, {summary['wall_s']:.1f} s wall, "
              f"{summary['cpu_s']:.1f} s CPU.", "",
              f"accuracy {m['accuracy']:.3f} | balanced accuracy {m['balanced_accuracy']:.3f} | "
-             f"macro-F1 {m['macro_f1']:.3f}", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+             f"macro-F1 {m['macro_f1']:.3f}", "", "| class | precision | recall | F1 | support |",
+             "|---|---|---|---|---|"]
     lines += [f"| {n} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
               for n, c in m["per_class"].items()]
     return "\n".join(lines) + "\n"
@@ -250,7 +252,8 @@ def run_classifying(embedding_dir: str, classifier_path: str, output_dir: str) -
             w.writerow(["id", "x", "y", "class", "probability"])
             for i, c, p, (x, y) in zip(cache.ids, cls, prob, cache.centroids):
                 w.writerow([int(i), f"{x:.2f}", f"{y:.2f}", table.names[c], f"{p:.4f}"])
-            features = [{"type": "Feature", "id": int(i), "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
+            features = [{"type": "Feature", "id": int(i),
+                         "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
                          "properties": {"objectType": "detection", "probability": float(p),
                                         "classification": {"name": table.names[c], "color": list(table.colours[c])}}}
                         for i, c, p, (x, y) in zip(cache.ids, cls, prob, cache.centroids)]
