@@ -43,6 +43,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_numpy, ensure_tuple_rep, optional_import
 
+from ..nuclei.primitives import centroids
 from .datasets import read_image, read_label
 
 tv_functional, _ = optional_import("torchvision.transforms.v2.functional")
@@ -146,16 +147,18 @@ def hv_maps(inst_map: np.ndarray) -> np.ndarray:
     if inst.ndim == 3:
         inst = inst[0]
     out = np.zeros((2, *inst.shape), dtype=np.float32)
-    rows, cols = np.nonzero(inst)
-    if rows.size == 0:
+    flat = np.flatnonzero(inst)
+    if flat.size == 0:
         return out
-    _, lab = np.unique(inst[rows, cols], return_inverse=True)
+    rows, cols = np.divmod(flat, inst.shape[1])
+    _, lab = np.unique(inst.ravel()[flat], return_inverse=True)
     count = np.bincount(lab)
     order = np.argsort(lab, kind="stable")
     starts = np.r_[0, np.cumsum(count)[:-1]]
+    centres = centroids(flat, lab, inst.shape[1], np.arange(count.size))
     for channel, coord in enumerate((cols, rows)):
         coord = coord.astype(np.float64)
-        centre = np.bincount(lab, weights=coord) / count
+        centre = centres[:, channel]
         lo = np.minimum.reduceat(coord[order], starts)
         hi = np.maximum.reduceat(coord[order], starts)
         dist = coord - centre[lab]
