@@ -1,0 +1,391 @@
+"""Benchmark: every GPU measurement of the CUDA path, in one run on one GPU.
+
+1. ``build``: compile the CUDA kernels (timed) and run their first-use self-check.
+2. ``parity``: the CUDA parity tests (``tests/test_cuda_msda.py``) and the op's CPU tests, by pytest.
+3. ``msda``: the compiled op against the grid_sample reference at CellVTA's shapes (``bench/msda.py``'s
+   injector and extractor), batch 1 and 32, forward and forward+backward (speedup = reference / compiled).
+4. ``models``: CellVTA-L (UNI preset) and CellViT-L, random weights, 256x256 tiles: tiles/s and peak GPU
+   memory at batch 1/16/64 in float32 (TF32 off), float16 and bfloat16 autocast, and the deviation of the
+   half-precision outputs from float32 on real CoNSeP tiles (max |difference| of the nuclei probability and the
+   HV maps, type-map argmax agreement).
+5. ``wsi``: the whole-slide pipeline (``scripts.slides.wsi.run_slide``) on a generated 8192x8192 pyramidal slide of
+   repeated CoNSeP patches with ``--workers`` post-processing workers, run three ways: the real network in bf16
+   autocast with post-processing fed the ground-truth maps of the mosaic (the GPU does all the network's work,
+   the CPU post-processes realistic nuclei); the ground-truth oracle alone (what reading + post-processing can
+   sustain); and the network alone on the same tiles (what the GPU can sustain). ``postprocessing_keeps_up`` when
+   the pipeline reaches at least 90 % of the network-alone rate. GPU utilisation is sampled by nvidia-smi.
+
+Each stage's errors are caught and recorded, so one failing stage does not lose the others. The result is printed
+as one JSON object on the last line, written to ``bench/results/gpu.json`` and, when ``$OUT`` is set, copied
+there with the pytest report.
+
+The GPU machine has no internet and may lack MONAI, pytest and tifffile: on a machine with internet first run
+``python bench/gpu.py --prepare outputs/gpu_bundle`` (downloads the pure-Python and small wheels for Python 3.12
+and stores the CoNSeP mosaic, about 30 MB in all), then on the GPU machine, with ``outputs/gpu_bundle`` carried:
+
+    python bench/gpu.py --bundle outputs/gpu_bundle
+
+Without a CUDA GPU it says so and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(BENCH), str(REPO), str(REPO / "bundles" / "cellvta")]
+
+from record import record  # noqa: E402
+
+# Wheels the GPU machine may lack: module name -> pinned requirement (the versions of the project's venv).
+WHEELS = {
+    "pytest": "pytest==9.2.0",
+    "pluggy": "pluggy==1.7.0",
+    "iniconfig": "iniconfig==2.3.1",
+    "packaging": "packaging==26.4",
+    "monai": "monai==1.6.1",
+    "tifffile": "tifffile==2026.3.3",
+    "tqdm": "tqdm==4.70.1",
+    "shapely": "shapely==2.2.0",
+}
+WHEEL_PYTHON = "3.12"
+BATCHES = (1, 16, 64)
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+SLIDE_SIDE = 8192
+CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
+
+
+def no_gpu_exit() -> None:
+    """Say clearly that there is no GPU and exit with status 2."""
+    print(
+        "bench/gpu.py: no CUDA GPU is present on this machine (torch.cuda.is_available() is False, torch "
+        f"{torch.__version__}, CUDA build {torch.version.cuda}); every measurement here needs one. Nothing was "
+        "measured.",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
+# --- preparation (on a machine with internet) -------------------------------------------------------------------
+
+
+def prepare(bundle: Path) -> None:
+    """Download the wheels into ``bundle/wheels`` and store the CoNSeP mosaic as ``bundle/mosaic.npz``."""
+    from wsi import mosaic
+
+    wheels = bundle / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", WHEEL_PYTHON,
+         "--implementation", "cp", "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
+         "--platform", "manylinux_2_28_x86_64", "-d", str(wheels), *WHEELS.values()],
+        check=True,
+    )
+    image, inst, types = mosaic()
+    np.savez_compressed(bundle / "mosaic.npz", image=image, inst=inst, types=types)
+    size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    print(f"prepared {bundle} ({size / 2**20:.0f} MiB): carry it to the GPU machine and run "
+          f"python bench/gpu.py --bundle {bundle}")
+
+
+def install_bundle(bundle: Path) -> None:
+    """Install the bundle's wheels the interpreter lacks into ``bundle/site`` and put that on the path."""
+    missing = [name for name in WHEELS if importlib.util.find_spec(name) is None]
+    site = bundle / "site"
+    if missing:
+        wheels = sorted(str(w) for w in (bundle / "wheels").glob("*.whl")
+                        if w.name.split("-")[0].lower().replace("_", "-") in missing)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--target",
+                        str(site), *wheels], check=True, stdout=subprocess.DEVNULL)
+    if site.is_dir():
+        sys.path.insert(0, str(site))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    importlib.invalidate_caches()
+
+
+# --- timing ---------------------------------------------------------------------------------------------------------
+
+
+def gpu_median(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` with the GPU synchronised around each run."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --- stages ---------------------------------------------------------------------------------------------------------
+
+
+def stage_build() -> dict:
+    import custom_ops
+    from custom_ops import build, selfcheck
+
+    started = time.perf_counter()
+    path = build.load_library()
+    seconds = time.perf_counter() - started
+    impl = custom_ops.implementation("cuda")
+    return {"library": Path(path).name, "build_s": round(seconds, 1), "implementation": impl,
+            "self_check_failure": selfcheck.failure("cuda")}
+
+
+def stage_parity(out: Path | None) -> dict:
+    report = Path(tempfile.mkdtemp()) / "junit.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+               "tests/test_cuda_msda.py", "tests/test_msda_op.py", f"--junitxml={report}"]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=480)
+    log = result.stdout + result.stderr
+    if out is not None:
+        (out / "parity_pytest.log").write_text(log)
+        if report.is_file():
+            shutil.copy(report, out / "parity_junit.xml")
+    suite = ElementTree.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [case.get("name") for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+            "failed": failed[:20], "exit_code": result.returncode, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def stage_msda(repeats: int) -> dict:
+    import msda
+    from custom_ops import ms_deform_attn, ms_deform_attn_reference
+
+    os.environ["CELLVTA_MSDA_IMPL"] = "compiled"
+    generator = torch.Generator().manual_seed(0)
+    result: dict[str, float] = {}
+    max_diff = 0.0
+    for case in msda.CASES:
+        for batch in (1, 32):
+            inputs = tuple(t.cuda() for t in msda.make_inputs(case, batch, generator))
+            with torch.no_grad():
+                out = ms_deform_attn(*inputs)
+                max_diff = max(max_diff, (out - ms_deform_attn_reference(*inputs)).abs().max().item())
+            grad = torch.randn(out.shape, generator=generator).cuda()
+            for mode in ("fwd", "fwdbwd"):
+                times = {}
+                for name, fn in (("compiled", ms_deform_attn), ("reference", ms_deform_attn_reference)):
+                    run = msda.fwd_only(fn, inputs) if mode == "fwd" else msda.fwd_bwd(fn, inputs, grad)
+                    times[name] = gpu_median(run, repeats)
+                key = f"{case}_b{batch}_{mode}"
+                result[f"{key}_compiled_ms"] = round(times["compiled"] * 1e3, 3)
+                result[f"{key}_reference_ms"] = round(times["reference"] * 1e3, 3)
+                result[f"{key}_speedup"] = round(times["reference"] / times["compiled"], 2)
+    result["max_abs_diff_fwd"] = float(f"{max_diff:.3g}")
+    result["min_speedup"] = min(v for k, v in result.items() if k.endswith("_speedup"))
+    return result
+
+
+def consep_tiles(bundle: Path | None, count: int) -> torch.Tensor:
+    """``count`` real 256x256 CoNSeP tiles from the bundle's mosaic (uint8, (count, 256, 256, 3))."""
+    if bundle is None or not (bundle / "mosaic.npz").is_file():
+        raise FileNotFoundError("the CoNSeP mosaic is absent: run with --bundle (see the module docstring)")
+    with np.load(bundle / "mosaic.npz") as data:
+        image = data["image"]
+    tiles = [image[y:y + 256, x:x + 256] for y in range(0, 2048, 256) for x in range(0, 2048, 256)][:count]
+    return torch.from_numpy(np.stack(tiles))
+
+
+def normalise(tiles: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+    """uint8 ``(B, 256, 256, 3)`` -> float32 ``(B, 3, 256, 256)`` on the GPU, as the predictors normalise."""
+    mean = torch.as_tensor(network.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std = torch.as_tensor(network.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return ((tiles.permute(0, 3, 1, 2).float() - mean) / std).cuda()
+
+
+def deviation(reference: dict[str, torch.Tensor], half: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Half-precision outputs against float32: probabilities, HV maps, type argmax agreement."""
+    def prob(out):
+        return torch.softmax(out["nuclei_binary_map"].float(), 1)[:, 1]
+
+    types_ref = reference["nuclei_type_map"].float().argmax(1)
+    types_half = half["nuclei_type_map"].float().argmax(1)
+    return {
+        "max_abs_diff_nuclei_prob": float(f"{(prob(half) - prob(reference)).abs().max().item():.3g}"),
+        "max_abs_diff_hv": float(f"{(half['hv_map'].float() - reference['hv_map'].float()).abs().max().item():.3g}"),
+        "type_argmax_agreement": round((types_ref == types_half).float().mean().item(), 5),
+    }
+
+
+def stage_models(bundle: Path | None, repeats: int) -> dict:
+    from scripts.model.network import CellVTA, CellViT
+
+    os.environ["CELLVTA_MSDA_IMPL"] = "compiled"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    real = consep_tiles(bundle, 16)
+    result: dict[str, dict] = {}
+    for name, cls in (("cellvta_l", CellVTA), ("cellvit_l", CellViT)):
+        torch.manual_seed(0)
+        network = cls("uni", num_nuclei_classes=len(CLASSES), num_tissue_classes=19, device="cuda").eval()
+        entry: dict[str, dict] = {}
+        x_real = normalise(real, network)
+        outputs = {}
+        for precision, dtype in PRECISIONS.items():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                outputs[precision] = {k: v.float() for k, v in network(x_real).items()}
+                for batch in BATCHES:
+                    x = x_real.repeat((batch + 15) // 16, 1, 1, 1)[:batch].contiguous()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    seconds = gpu_median(lambda: network(x), repeats)
+                    entry[f"{precision}_b{batch}"] = {
+                        "tiles_per_s": round(batch / seconds, 1),
+                        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    }
+        for precision in ("fp16", "bf16"):
+            entry[f"{precision}_vs_fp32"] = deviation(outputs["fp32"], outputs[precision])
+        result[name] = entry
+        del network
+        torch.cuda.empty_cache()
+    return result
+
+
+class GPUUtilisation:
+    """Samples ``nvidia-smi`` GPU utilisation (percent) every 0.5 s while in use; ``mean`` afterwards."""
+
+    def __enter__(self) -> GPUUtilisation:
+        self.samples: list[float] = []
+        self.process = None
+        if shutil.which("nvidia-smi"):
+            index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+            self.process = subprocess.Popen(
+                ["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "500"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            text, _ = self.process.communicate(timeout=10)
+            self.samples = [float(s) for s in text.split() if s.replace(".", "", 1).isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return round(statistics.mean(self.samples), 1) if self.samples else None
+
+
+class NetworkThenOracle:
+    """The real network runs on every tile batch (GPU work, maps copied back); post-processing gets the mosaic's
+    ground-truth maps for the same tiles, so the CPU load is that of real nuclei whatever the random weights give."""
+
+    def __init__(self, network_predictor, oracle) -> None:
+        self.network_predictor, self.oracle = network_predictor, oracle
+        self.num_classes = oracle.num_classes
+
+    def __call__(self, tiles: np.ndarray, origins: np.ndarray):
+        self.network_predictor(tiles, origins)
+        return self.oracle(tiles, origins)
+
+
+def stage_wsi(bundle: Path | None, workers: int, batch_size: int) -> dict:
+    from scripts.model.network import CellVTA
+    from scripts.slides.predictors import GroundTruthPredictor, NetworkPredictor
+    from scripts.slides.pyramid import PeriodicImage, write_pyramidal_tiff
+    from scripts.slides.wsi import WSISettings, postprocess_pool, run_slide
+
+    if bundle is None or not (bundle / "mosaic.npz").is_file():
+        raise FileNotFoundError("the CoNSeP mosaic is absent: run with --bundle (see the module docstring)")
+    with np.load(bundle / "mosaic.npz") as data:
+        image, inst, types = data["image"], data["inst"], data["types"]
+    work = Path(tempfile.mkdtemp(prefix="cellvta_gpu_wsi_"))
+    slide = work / f"consep_{SLIDE_SIDE}.tif"
+    write_pyramidal_tiff(slide, PeriodicImage(image, SLIDE_SIDE, SLIDE_SIDE), mpp=0.25, compression="deflate")
+    torch.manual_seed(0)
+    network = CellVTA("uni", num_nuclei_classes=len(CLASSES), num_tissue_classes=19, device="cuda")
+    network_predictor = NetworkPredictor(network, "cuda", len(CLASSES), dtype=torch.bfloat16)
+    oracle = GroundTruthPredictor(inst, types, len(CLASSES), periodic=True)
+    settings = WSISettings(postprocess_workers=workers, batch_size=batch_size, chunk_tiles=256,
+                           read_threads=4)
+    pool = postprocess_pool(workers)
+    result: dict[str, float | int | bool | None] = {"slide_px": SLIDE_SIDE, "workers": workers,
+                                                    "batch_size": batch_size, "precision": "bf16"}
+    try:
+        runs = {"pipeline": NetworkThenOracle(network_predictor, oracle), "oracle_only": oracle}
+        for name, predictor in runs.items():
+            with GPUUtilisation() as util:
+                started = time.perf_counter()
+                summary = run_slide(slide, work / name, predictor, CLASSES, settings, predictor_id=name, pool=pool)
+                wall = time.perf_counter() - started
+            result["tiles"] = summary["tiles"]
+            result[f"{name}_tiles_per_s"] = round(summary["tiles"] / wall, 1)
+            result[f"{name}_gpu_util_percent"] = util.mean
+            if name == "pipeline":
+                result["cells"] = summary.get("cells")
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    tiles = consep_tiles(bundle, batch_size).numpy()
+    origins = np.zeros((batch_size, 2), dtype=np.int64)
+    seconds = gpu_median(lambda: network_predictor(tiles, origins), repeats=10)
+    result["network_only_tiles_per_s"] = round(batch_size / seconds, 1)
+    result["postprocessing_keeps_up"] = result["pipeline_tiles_per_s"] >= 0.9 * result["network_only_tiles_per_s"]
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prepare", type=Path, help="download the wheels and store the mosaic into this folder")
+    parser.add_argument("--bundle", type=Path, help="the folder made by --prepare")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--workers", type=int, default=max(8, (os.cpu_count() or 8) - 4),
+                        help="whole-slide post-processing workers")
+    parser.add_argument("--wsi-batch", type=int, default=32, help="tiles per network call in the whole-slide run")
+    parser.add_argument("--stages", default="build,parity,msda,models,wsi", help="comma-separated stages to run")
+    args = parser.parse_args()
+    if args.prepare:
+        prepare(args.prepare)
+        return
+    if not torch.cuda.is_available():
+        no_gpu_exit()
+    if args.bundle:
+        install_bundle(args.bundle)
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    stages = {
+        "build": stage_build,
+        "parity": lambda: stage_parity(out),
+        "msda": lambda: stage_msda(args.repeats),
+        "models": lambda: stage_models(args.bundle, args.repeats),
+        "wsi": lambda: stage_wsi(args.bundle, args.workers, args.wsi_batch),
+    }
+    for name in args.stages.split(","):
+        started = time.perf_counter()
+        try:
+            result[name] = stages[name]()
+        except Exception as exc:  # one failing stage must not lose the others' numbers
+            traceback.print_exc()
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"stage {name} ({time.perf_counter() - started:.0f} s): {json.dumps(result[name])}", flush=True)
+    path = record("gpu", result)
+    if out is not None:
+        shutil.copy(path, out / path.name)
+
+
+if __name__ == "__main__":
+    main()
