@@ -173,7 +173,7 @@ class CellVTATrain(TrainTask):
 
     def _publish(self, models: Path, network: dict[str, Any]) -> None:
         """Replace the served weights, class table and network record by the run's best checkpoint, its table
-        and the settings it was trained with."""
+        and its record (the settings it was trained with)."""
         from scripts.files import write_text_atomic
 
         weights, table = models / MODEL_FILE, models / CLASS_TABLE
@@ -182,5 +182,9 @@ class CellVTATrain(TrainTask):
                 raise FileNotFoundError(f"{path}: the training run wrote no {path.name}")
         self.app_config.model_dir.mkdir(parents=True, exist_ok=True)
         _copy_atomically(table, self.app_config.model_dir / CLASS_TABLE)
-        write_text_atomic(self.app_config.model_dir / NETWORK_RECORD, json.dumps(network, indent=1))
+        record = models / NETWORK_RECORD  # written by the bundle's training: every key that built the network
+        if record.is_file():
+            _copy_atomically(record, self.app_config.model_dir / NETWORK_RECORD)
+        else:
+            write_text_atomic(self.app_config.model_dir / NETWORK_RECORD, json.dumps(network, indent=1))
         _copy_atomically(weights, self.app_config.model_dir / MODEL_FILE)
