@@ -61,6 +61,13 @@ def _wsi(r: Result) -> str:
             f"GeoJSON {r['geojson_gb']} GB")
 
 
+def _encoders(r: Result) -> str:
+    models = [k for k, v in r.items() if isinstance(v, dict) and "bpq" in v]
+    cells = [f"{k} bPQ {r[k]['bpq']}, mPQ {r[k]['mpq']}, F1 {r[k]['detection_f1']}, {r[k]['s_per_step']} s/step"
+             for k in models]
+    return f"{r['budget_min']} {r['budget']} per model, {r['weights']}: " + "; ".join(cells)
+
+
 def _generic(r: Result) -> str:
     leaves = [f"{k} {v}" for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
     return "; ".join(leaves[:12])
@@ -73,6 +80,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Result], str]]] = {
     "postprocess": ("HoVer-Net post-processing, 40 fixture tiles", _postprocess),
     "metrics": ("PQ family, 40 fixture pairs", _metrics),
     "wsi": ("whole slide, ground-truth oracle network", _wsi),
+    "encoders": ("encoders under one decoder, CoNSeP, same CPU budget", _encoders),
 }
 
 
