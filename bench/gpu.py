@@ -304,9 +304,10 @@ class NetworkThenOracle:
 
 def stage_wsi(bundle: Path | None, workers: int, batch_size: int) -> dict:
     from scripts.model.network import CellVTA
-    from scripts.slides.predictors import GroundTruthPredictor, NetworkPredictor
+    from scripts.slides.predictors import NetworkPredictor
     from scripts.slides.pyramid import PeriodicImage, write_pyramidal_tiff
     from scripts.slides.wsi import WSISettings, postprocess_pool, run_slide
+    from tests.oracle import GroundTruthPredictor
 
     if bundle is None or not (bundle / "mosaic.npz").is_file():
         raise FileNotFoundError("the CoNSeP mosaic is absent: run with --bundle (see the module docstring)")

@@ -84,8 +84,8 @@ def tree_rss(pid: int) -> int:
 def run_child(slide: Path, gt: Path, out: Path, workers: int) -> None:
     """The measured process: whole-slide inference with the ground-truth oracle."""
     sys.path[:0] = [str(REPO), str(REPO / "bundles" / "cellvta")]
-    from scripts.slides.predictors import GroundTruthPredictor
     from scripts.slides.wsi import WSISettings, postprocess_pool, run_slide
+    from tests.oracle import GroundTruthPredictor
 
     with np.load(gt) as data:
         predictor = GroundTruthPredictor(data["inst"], data["types"], len(CLASSES), periodic=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_monailabel_app import NETWORK, Server, label_python, pyramid, write_png  # noqa: F401
+from tests.test_monailabel_app import NETWORK, Server, label_python, pyramid, write_png  # noqa: F401
 
 # starting the server (about 75 s on 2 shared cores) is paid by the module's first test
 pytestmark = pytest.mark.slow
@@ -196,7 +196,7 @@ def test_malformed_labels_are_refused_and_leave_nothing(guarded):
 
 
 def test_deleting_a_label_removes_its_file_and_state(guarded, consep):
-    from test_monailabel_app import asap_xml, gt_polygons
+    from tests.test_monailabel_app import asap_xml, gt_polygons
 
     i = TILES["tile_b"]
     polygons = gt_polygons(consep["inst_map"][i][:128, :128], consep["type_map"][i][:128, :128], CLASSES)

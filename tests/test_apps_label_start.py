@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from test_apps_label_guards import CLASSES, untrained_model
-from test_monailabel_app import APP, NETWORK, Server, label_python, write_png  # noqa: F401 (fixture)
+from tests.test_apps_label_guards import CLASSES, untrained_model
+from tests.test_monailabel_app import APP, NETWORK, Server, label_python, write_png  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 

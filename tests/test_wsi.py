@@ -20,12 +20,13 @@ from scipy import ndimage
 
 from scripts.nuclei.metrics import instance_overlap, panoptic_quality, pq_counts
 from scripts.nuclei.postprocess import nuclei_from_instance_map
-from scripts.slides.predictors import GroundTruthPredictor, PredictedMaps
+from scripts.slides.predictors import PredictedMaps
 from scripts.slides.pyramid import PeriodicImage, write_pyramidal_tiff
 from scripts.slides.readers import SlideError, open_slide
 from scripts.slides.tiling import TileGrid
 from scripts.data.transforms import hv_maps
 from scripts.slides.wsi import WSISettings, run_cohort, run_slide
+from tests.oracle import GroundTruthPredictor
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
 SETTINGS = WSISettings(postprocess_workers=0, chunk_tiles=4, min_tissue_fraction=0.0)
@@ -201,8 +202,8 @@ import sys
 sys.path[:0] = {paths!r}
 import numpy as np
 from scripts.nuclei.postprocess import nuclei_from_instance_map
-from scripts.slides.predictors import GroundTruthPredictor
 from scripts.slides.wsi import WSISettings, run_slide
+from tests.oracle import GroundTruthPredictor
 gt = np.load({gt!r})
 run_slide({slide!r}, {out!r}, GroundTruthPredictor(gt["inst"], gt["types"], 5, periodic=True), {classes!r},
           WSISettings(postprocess_workers=0, chunk_tiles=8, min_tissue_fraction=0.0, batch_size=4))

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from scripts.slides.cohort import list_slides
-from scripts.slides.predictors import GroundTruthPredictor
 from scripts.slides.pyramid import write_pyramidal_tiff
 from scripts.slides.readers import SlideError
 from scripts.slides.regions import find_region, read_region
 from scripts.slides.wsi import WSISettings, run_cohort, run_slide
+from tests.oracle import GroundTruthPredictor
 
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
 SETTINGS = WSISettings(postprocess_workers=0, chunk_tiles=4, min_tissue_fraction=0.0)
