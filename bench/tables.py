@@ -68,12 +68,22 @@ def _encoders(r: Result) -> str:
     return f"{r['budget_min']} {r['budget']} per model, {r['weights']}: " + "; ".join(cells)
 
 
+def _cells(r: Result) -> str:
+    curve = r["vit_set"]["curve"]
+    head = r["head_training_20k"]
+    return (f"{r['network']}: head macro-F1 with all labels vit {curve['vit']['all']['macro_f1']}, "
+            f"pixel features {curve['pixel']['all']['macro_f1']}; 50 labels per class / all "
+            f"{r['ratios']['vit_50_over_all']}; head training on {head['cells']:,} cells {head['wall_s']} s; "
+            f"default source {r['best_source_here']}")
+
+
 def _generic(r: Result) -> str:
     leaves = [f"{k} {v}" for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
     return "; ".join(leaves[:12])
 
 
 RENDERERS: dict[str, tuple[str, Callable[[Result], str]]] = {
+    "cells": ("cell classifiers on frozen embeddings, CoNSeP nuclei", _cells),
     "msda": ("compiled op / `grid_sample` reference, float32", _msda),
     "model": ("CellVTA-L (UNI preset), one 256² tile", _model),
     "data": ("training data chain, CoNSeP patches, samples/s", _data),
