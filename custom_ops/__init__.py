@@ -80,7 +80,7 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Multi-scale deformable attention (cellvta_reference.md §3).
+    """Multi-scale deformable attention (bundles/cellvta/docs/architecture.md).
 
     Bilinear sampling equals ``grid_sample(mode="bilinear", padding_mode="zeros",
     align_corners=False)`` at ``grid = 2 * loc - 1``. Under ``torch.autocast`` half-precision
