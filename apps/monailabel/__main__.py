@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
                          "an SSH tunnel to 127.0.0.1, or pass --allow_unauthenticated")
     if not settings.MONAI_LABEL_CORS_ORIGINS:
         settings.MONAI_LABEL_CORS_ORIGINS = own_origins(args.host, args.port, bool(args.ssl_certfile))
+    from cellvta_label.bundle import use_bundle_scripts
+    from cellvta_label.config import AppConfig
     from cellvta_label.server import accept_token_algorithms, load_token, secure
+
+    use_bundle_scripts(AppConfig.from_conf(APP_DIR, conf).bundle)
 
     token = None
     if settings.MONAI_LABEL_AUTH_ENABLE:

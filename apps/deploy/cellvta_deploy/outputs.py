@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from scripts.inference.writers import nuclei_features, overlay, replace_atomically, write_maps, write_png
+from scripts.files import atomic_path, write_text_atomic
+from scripts.inference.writers import nuclei_features, overlay, write_maps, write_png
 
 from .bundle import NucleiPrediction
 from .inputs import LoadedImage
@@ -28,17 +29,14 @@ def write_geojson(path: Path, prediction: NucleiPrediction, class_names: list[st
                   downsample: float) -> None:
     """The nuclei as a GeoJSON FeatureCollection, image coordinates mapped by ``x * downsample + origin``."""
     features = nuclei_features(prediction.nuclei, class_names, offset=origin, scale=downsample)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    replace_atomically(tmp, path)
+    write_text_atomic(path, json.dumps({"type": "FeatureCollection", "features": features}))
 
 
 def write_maps_tiff(path: Path, inst_map: np.ndarray, type_map: np.ndarray) -> None:
     """``(H, W)`` instance and type maps as one OME-TIFF of shape ``(2, H, W)`` int32 (channels instance, type)."""
-    tmp = path.with_name(f".{path.stem}.tmp.tif")
-    tifffile.imwrite(tmp, np.stack([inst_map, type_map]).astype(np.int32), ome=True, compression="zlib",
-                     photometric="minisblack", metadata={"axes": "CYX", "Channel": {"Name": ["instance", "type"]}})
-    replace_atomically(tmp, path)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.stack([inst_map, type_map]).astype(np.int32), ome=True, compression="zlib",
+                         photometric="minisblack", metadata={"axes": "CYX", "Channel": {"Name": ["instance", "type"]}})
 
 
 def write_outputs(output_dir: Path, loaded: LoadedImage, prediction: NucleiPrediction, class_names: list[str],

@@ -34,17 +34,20 @@ ID_PARAMETERS = ("image", "id", "label", "tag")
 
 
 def load_token(path: Path) -> str:
-    """The download token stored in ``path``, created (random, readable by the owner only) when absent."""
+    """The download token stored in ``path``, created (random, readable by the owner only) when absent.
+
+    Needs the bundle's ``scripts`` on ``sys.path`` (:func:`.bundle.use_bundle_scripts`) to create it.
+    """
+    from scripts.files import atomic_path
+
     if path.is_file():
         token = path.read_text().strip()
         if token:
             return token
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.touch(mode=0o600)
-    tmp.write_text(token + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.touch(mode=0o600)
+        tmp.write_text(token + "\n")
     return token
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import cv2
 import numpy as np
 import shapely
 
+from ..files import atomic_path, write_text_atomic
 from ..nuclei.postprocess import Nuclei
 
 # class colours (RGB) by class index; background first
@@ -21,11 +21,6 @@ PALETTE = [(0, 0, 0), (255, 0, 0), (34, 221, 77), (35, 92, 236), (254, 255, 0), 
 def class_color(index: int) -> tuple[int, int, int]:
     """RGB colour of class ``index`` (cycles through ``PALETTE`` after its end)."""
     return PALETTE[index] if index < len(PALETTE) else PALETTE[1 + (index - 1) % (len(PALETTE) - 1)]
-
-
-def replace_atomically(tmp: Path, path: Path) -> None:
-    """Move a finished temporary file over ``path`` in one step."""
-    os.replace(tmp, path)
 
 
 def class_name(class_names: Sequence[str], index: int) -> str:
@@ -103,9 +98,7 @@ def nuclei_features(nuclei: Nuclei, class_names: Sequence[str], offset: tuple[fl
 
 def write_geojson(path: Path, nuclei: Nuclei, class_names: Sequence[str]) -> None:
     """A GeoJSON FeatureCollection of the nuclei (QuPath: File > Import objects)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": nuclei_features(nuclei, class_names)}))
-    replace_atomically(tmp, path)
+    write_text_atomic(path, json.dumps({"type": "FeatureCollection", "features": nuclei_features(nuclei, class_names)}))
 
 
 def overlay(image: np.ndarray, nuclei: Nuclei) -> np.ndarray:
@@ -118,14 +111,12 @@ def overlay(image: np.ndarray, nuclei: Nuclei) -> np.ndarray:
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
     """Write an RGB uint8 image as PNG."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
-    replace_atomically(tmp, path)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {path}")
 
 
 def write_maps(path: Path, inst_map: np.ndarray, type_map: np.ndarray) -> None:
     """``inst_map`` (int32) and ``type_map`` (uint8) of one image as a compressed ``.npz``."""
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, inst_map=inst_map.astype(np.int32), type_map=type_map.astype(np.uint8))
-    replace_atomically(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, inst_map=inst_map.astype(np.int32), type_map=type_map.astype(np.uint8))

@@ -5,7 +5,6 @@ written. Used to turn an image, or a mosaic repeated to slide size, into a slide
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tifffile
+
+from ..files import atomic_path
 
 __all__ = ["PeriodicImage", "write_pyramidal_tiff"]
 
@@ -72,8 +73,7 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray | PeriodicImage, mp
     options = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
     if compression == "jpeg":
         options["compressionargs"] = {"level": quality}
-    tmp = path.with_name(f".{path.stem}.tmp.tif")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as writer:
         downsample = 1
         while True:
             resolution = {} if mpp is None else {"resolution": (1e4 / (mpp * downsample),) * 2,
@@ -84,4 +84,3 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray | PeriodicImage, mp
                 break
             level = level.reduced(factor)
             downsample *= factor
-    os.replace(tmp, path)
