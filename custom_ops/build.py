@@ -2,8 +2,11 @@
 
 The library registers the operators ``cellvta::ms_deform_attn`` and
 ``cellvta::ms_deform_attn_backward`` (schema and CPU kernels; CUDA kernels too when built with
-CUDA). Builds are cached by ``torch.utils.cpp_extension`` under ``$TORCH_EXTENSIONS_DIR``
-(default ``~/.cache/torch_extensions``) and rebuilt only when a source or flag changes.
+CUDA). Builds are cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
+in one folder per environment (:func:`environment_key`: torch version, CUDA version, Python ABI
+and the environment's prefix), so environments sharing this folder each compile once and do not
+rebuild each other's library; within a folder a build is redone only when a source or flag changes.
+A compile logs one line when it starts and one with its duration.
 
 Ahead of time: ``python -m custom_ops.build`` (``--cuda`` forces the CUDA build, ``--build-dir``
 chooses the cache folder).
@@ -12,8 +15,12 @@ chooses the cache folder).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import logging
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +32,7 @@ CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3"]
 
+logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: dict[bool, str] = {}
 _failed: dict[bool, BuildError] = {}
@@ -57,12 +65,53 @@ def cuda_runtime_ldflags(cuda_home: str) -> list[str]:
     return [f"-L{d}" for d in (Path(cuda_home) / "lib", Path(cuda_home) / "lib64") if (d / "libcudart.so").exists()]
 
 
+def environment_key(
+    torch_version: str | None = None, cuda_version: str | None = None, abi: str | None = None,
+    prefix: str | None = None,
+) -> str:
+    """Name of this environment's build folder: what a compiled library depends on.
+
+    Args default to the running interpreter: ``torch.__version__``, ``torch.version.cuda`` (``"cpu"`` for a
+    CPU-only torch), ``sys.implementation.cache_tag`` (e.g. ``cpython-311``) and ``sys.prefix`` (hashed:
+    two virtual environments with the same torch still record different torch paths in their build files).
+    """
+    torch_version = torch.__version__ if torch_version is None else torch_version
+    cuda_version = (torch.version.cuda or "cpu") if cuda_version is None else cuda_version
+    abi = sys.implementation.cache_tag if abi is None else abi
+    prefix = sys.prefix if prefix is None else prefix
+    digest = hashlib.sha1(str(Path(prefix).resolve()).encode()).hexdigest()[:10]
+    tag = "cpu" if cuda_version == "cpu" else f"cu{cuda_version}"
+    return f"torch{torch_version.replace('+', '_')}-{tag}-{abi}-{digest}"
+
+
+def build_folder(cuda: bool, root: str | os.PathLike | None = None, key: str | None = None) -> Path:
+    """``<root>/<key>/<library name>``: the build folder of the CPU or CUDA library for environment ``key``.
+
+    ``root`` defaults to ``torch.utils.cpp_extension``'s (``$TORCH_EXTENSIONS_DIR`` or
+    ``~/.cache/torch_extensions``), ``key`` to :func:`environment_key`.
+    """
+    from torch.utils import cpp_extension
+
+    root = cpp_extension.get_default_build_root() if root is None else root
+    return Path(root) / (environment_key() if key is None else key) / library_name(cuda)
+
+
+def library_name(cuda: bool) -> str:
+    """The extension's name (and its shared library's file stem)."""
+    return "cellvta_msda_cuda" if cuda else "cellvta_msda_cpu"
+
+
+def _up_to_date(library: Path, sources: tuple[Path, ...]) -> bool:
+    """The library exists and is newer than every source."""
+    return library.exists() and library.stat().st_mtime >= max(p.stat().st_mtime for p in sources)
+
+
 def build(cuda: bool, build_directory: str | os.PathLike | None = None, verbose: bool = False) -> str:
     """Compile (if needed) and load the extension; return the path of the shared library.
 
     Args:
         cuda: include ``csrc/cuda/ms_deform_attn.cu`` (needs nvcc and a CUDA build of torch).
-        build_directory: cache folder; ``None`` uses ``torch.utils.cpp_extension``'s default.
+        build_directory: cache folder; ``None`` uses this environment's :func:`build_folder`.
         verbose: print the compiler commands and output.
 
     Raises:
@@ -70,19 +119,26 @@ def build(cuda: bool, build_directory: str | os.PathLike | None = None, verbose:
     """
     from torch.utils import cpp_extension
 
-    name = "cellvta_msda_cuda" if cuda else "cellvta_msda_cpu"
-    if build_directory is not None:
-        Path(build_directory).mkdir(parents=True, exist_ok=True)
+    name = library_name(cuda)
+    folder = build_folder(cuda) if build_directory is None else Path(build_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = CUDA_SOURCES if cuda else CPU_SOURCES
+    library = folder / f"{name}.so"
+    before = library.stat().st_mtime_ns if library.exists() else None
+    if not _up_to_date(library, sources):
+        logger.warning(f"compiling the MSDA op for {Path(sys.prefix).name} (torch {torch.__version__}, "
+                       f"{'CUDA' if cuda else 'CPU'}) into {folder} ...")
+    start = time.perf_counter()
     try:
         if cuda and cpp_extension.CUDA_HOME is None:
             raise BuildError("CUDA build requested but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
         path = cpp_extension.load(
             name=name,
-            sources=[str(p) for p in (CUDA_SOURCES if cuda else CPU_SOURCES)],
+            sources=[str(p) for p in sources],
             extra_cflags=CFLAGS,
             extra_ldflags=LDFLAGS + (cuda_runtime_ldflags(cpp_extension.CUDA_HOME) if cuda else []),
             extra_cuda_cflags=CUDA_CFLAGS if cuda else None,
-            build_directory=None if build_directory is None else str(build_directory),
+            build_directory=str(folder),
             extra_include_paths=cuda_library_includes() if cuda else None,
             with_cuda=cuda,
             is_python_module=False,
@@ -92,6 +148,9 @@ def build(cuda: bool, build_directory: str | os.PathLike | None = None, verbose:
         raise
     except Exception as exc:  # compiler, linker and loader failures all surface here
         raise BuildError(f"building {name} failed: {_summary(str(exc))}") from exc
+    if library.exists() and library.stat().st_mtime_ns != before:
+        logger.warning(f"compiling the MSDA op for {Path(sys.prefix).name} done in "
+                       f"{time.perf_counter() - start:.0f} s")
     return str(path)
 
 
@@ -132,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     flavour = parser.add_mutually_exclusive_group()
     flavour.add_argument("--cuda", action="store_true", help="build with the CUDA kernels")
     flavour.add_argument("--cpu", action="store_true", help="build the CPU kernels only")
-    parser.add_argument("--build-dir", default=None, help="cache folder (default: torch's extensions folder)")
+    parser.add_argument("--build-dir", default=None, help="cache folder (default: this environment's folder under torch's extensions folder)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     cuda = args.cuda or (not args.cpu and cuda_wanted())
