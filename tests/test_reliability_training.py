@@ -4,11 +4,15 @@ The kill tests run tests/training_kill_run.py (a real MONAI trainer and evaluato
 as configs/train.yaml does) and SIGKILL it in the middle of a chosen ``torch.save``. Validation scores per epoch are
 0.3, 0.5, 0.4, 0.45, 0.7 with early-stopping patience 2, so an uninterrupted run saves model.pt at epochs 1 and 2 and
 stops after epoch 4. The saves, in order: 1 model.pt, 2 epoch 1, 3 model.pt, 4 epoch 2, 5 epoch 3, 6 epoch 4.
+The same run resumes from an epoch checkpoint of the older format (the test removes the newer entries) and stops
+at a NaN validation score (``--scores nan,0.5``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 import signal
 import subprocess
@@ -18,7 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.training.checkpoints import parse_resume, resume_path
+from monai.engines import SupervisedTrainer
+
+from scripts.nuclei.ignite_metrics import BinaryPQ
+from scripts.training.checkpoints import AtomicCheckpointSaver, ResumeCheckpointLoader, parse_resume, resume_path
 
 RUN = Path(__file__).resolve().parent / "training_kill_run.py"
 
@@ -158,3 +165,86 @@ def test_training_workflow_resumes_past_a_truncated_checkpoint_with_its_best_mod
         assert state["best_metric"] == {"best_metric": first, "best_metric_epoch": 1}
         assert state["early_stop"]["counter"] == 1
     assert load(models / "model.pt").keys() == state["model"].keys()
+
+
+NEW_ENTRIES = ("best_saver", "best_metric", "early_stop", "last_saver")
+
+
+def older_format(path: Path) -> dict:
+    """Rewrites the epoch checkpoint at ``path`` as checkpoints were written before the best score, the evaluator's
+    best metric, the early-stopping counter and the kept files were part of it; returns the removed entries."""
+    state = load(path)
+    removed = {k: state.pop(k) for k in NEW_ENTRIES}
+    torch.save(state, path)
+    return removed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_best_metric_file", [True, False])
+def test_resume_from_an_older_checkpoint_format_warns_and_starts_from_best_metric_json(tmp_path, with_best_metric_file):
+    result = run(tmp_path, "--epochs", "2")  # scores 0.3, 0.5: model.pt holds epoch 2
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "best_metric.json").read_text()) == {"metric": "score", "value": 0.5, "epoch": 2}
+    best = (tmp_path / "model.pt").read_bytes()
+    removed = older_format(tmp_path / "checkpoint_epoch=2.pt")
+    assert removed["best_metric"] == {"best_metric": 0.5, "best_metric_epoch": 2}
+    if not with_best_metric_file:
+        (tmp_path / "best_metric.json").unlink()
+
+    result = run(tmp_path, "--resume", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "older checkpoint format" in line]
+    assert len(warnings) == 1
+    assert "checkpoint_epoch=2.pt was written without best_saver, best_metric, early_stop, last_saver" in warnings[0]
+    # with the best 0.5 known, epochs 3 and 4 (0.4, 0.45) do not improve and the second stops the run; unknown,
+    # epoch 3 becomes the best and 0.45, 0.7 improve on it
+    end = 4 if with_best_metric_file else 5
+    assert f"finished at epoch {end}" in result.stdout
+    assert epoch_files(tmp_path) == [f"checkpoint_epoch={end}.pt"]  # epoch 2's file pruned (n_saved 1)
+    last = load(tmp_path / f"checkpoint_epoch={end}.pt")
+    if with_best_metric_file:
+        assert "starts from" in warnings[0] and "(0.5 at epoch 2)" in warnings[0]
+        assert (tmp_path / "model.pt").read_bytes() == best
+        assert last["best_metric"] == {"best_metric": 0.5, "best_metric_epoch": 2}
+        assert [score for score, _ in last["best_saver"]["key_metric"]["_saved"]] == [0.5]
+        assert last["early_stop"] == {"counter": 2, "best_score": 0.5}
+    else:
+        assert "the best score is unknown" in warnings[0]
+        assert same_weights(load(tmp_path / "model.pt"), last["model"])
+        assert last["best_metric"] == {"best_metric": 0.7, "best_metric_epoch": 5}
+        assert last["early_stop"] == {"counter": 0, "best_score": 0.7}
+
+
+def test_resume_from_a_checkpoint_without_the_model_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "checkpoint_epoch=1.pt"
+    torch.save({"optimizer": {}}, path)
+    network = torch.nn.Linear(2, 2)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[], network=network,
+                                optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
+                                loss_function=torch.nn.MSELoss())
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": network}, save_key_metric=True,
+                                  key_metric_filename="model.pt")
+    loader = ResumeCheckpointLoader(load_path=str(path), load_dict={"model": network, "best_saver": saver})
+    with pytest.raises(ValueError, match=r"cannot resume from \S*checkpoint_epoch=1\.pt: it has no model$"):
+        loader(trainer)
+
+
+@pytest.mark.slow
+def test_a_nan_key_metric_stops_the_run_at_that_validation_and_never_becomes_the_best_model(tmp_path):
+    result = run(tmp_path, "--scores", "nan,0.5")
+    assert result.returncode != 0
+    assert "validation key metric score is NaN at epoch 1: the validation ground truth has no nuclei" in result.stderr
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "best_metric.json").exists()
+    assert epoch_files(tmp_path) == []
+
+
+def test_binary_pq_of_a_validation_split_without_nuclei_is_nan():
+    empty = torch.zeros(2, 2, 8, 8)  # (batch, instance/type, H, W): no nucleus in either image
+    metric = BinaryPQ()
+    metric.update((empty, empty))
+    assert math.isnan(metric.compute())
+    one = empty.clone()
+    one[1, :, 2:5, 2:5] = 1
+    metric.reset()
+    metric.update((one, one))
+    assert metric.compute() == pytest.approx(1.0)

@@ -5,7 +5,7 @@ Used by tests/test_reliability_training.py as a subprocess:
     python tests/training_kill_run.py CKPT_DIR --epochs 5 --n_saved 1 --resume true --kill_at 3
 
 The network is a linear layer trained by SGD on fixed data (deterministic); the validation score of epoch ``e`` is
-``SCORES[e - 1]`` so that the best epochs are known. The savers, the early stopping and the resume are wired as in
+``SCORES[e - 1]`` (or the ``e``-th of ``--scores``) so that the best epochs are known. The savers, the early stopping and the resume are wired as in
 configs/train.yaml. ``--kill_at k`` makes the k-th ``torch.save`` of the run write half of its bytes to the file it
 was given and then SIGKILL the process, as a kill during that write would. Every ``torch.save`` target is appended
 to ``CKPT_DIR/saves.log``.
@@ -26,12 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "cellvt
 
 from ignite.metrics import Average  # noqa: E402
 from monai.engines import SupervisedEvaluator, SupervisedTrainer  # noqa: E402
-from monai.handlers import CheckpointLoader, ValidationHandler  # noqa: E402
+from monai.handlers import ValidationHandler  # noqa: E402
 
+from scripts.training.best_metric import BestMetricWriter  # noqa: E402
 from scripts.training.checkpoints import (  # noqa: E402
     AtomicCheckpointSaver,
     BestMetricState,
     ResumableEarlyStopHandler,
+    ResumeCheckpointLoader,
     resume_path,
 )
 from scripts.training.tracking import key_metric_score  # noqa: E402
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--n_saved", type=int, default=1)
     parser.add_argument("--resume", default="false")
     parser.add_argument("--kill_at", type=int, default=0)
+    parser.add_argument("--scores", type=lambda text: [float(v) for v in text.split(",")], default=SCORES,
+                        help="validation score per epoch, e.g. nan,0.5")
     args = parser.parse_args()
     args.ckpt_dir.mkdir(parents=True, exist_ok=True)
     kill_during_save(args.kill_at, args.ckpt_dir / "saves.log")
@@ -85,8 +89,8 @@ def main() -> None:
     early_stop = ResumableEarlyStopHandler(patience=PATIENCE, score_function=key_metric_score, epoch_level=True)
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=loader, network=network,
-        key_val_metric={"score": Average(output_transform=lambda _: SCORES[evaluator.state.epoch - 1])},
-        val_handlers=[best_saver, early_stop])
+        key_val_metric={"score": Average(output_transform=lambda _: args.scores[evaluator.state.epoch - 1])},
+        val_handlers=[best_saver, BestMetricWriter(args.ckpt_dir / "best_metric.json"), early_stop])
     ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
     early_stop.set_trainer(trainer)
     states = {"model": network, "optimizer": optimizer, "trainer": trainer, "best_saver": best_saver,
@@ -94,7 +98,7 @@ def main() -> None:
     last_saver = AtomicCheckpointSaver(save_dir=str(args.ckpt_dir), save_dict=states, state_key="last_saver",
                                        save_interval=1, n_saved=args.n_saved, epoch_level=True)
     if (path := resume_path(args.ckpt_dir, args.resume)) is not None:
-        CheckpointLoader(load_path=path, load_dict={**states, "last_saver": last_saver}).attach(trainer)
+        ResumeCheckpointLoader(load_path=path, load_dict={**states, "last_saver": last_saver}).attach(trainer)
         print(f"resuming from {Path(path).name}", flush=True)
     last_saver.attach(trainer)
     trainer.run()

@@ -5,21 +5,28 @@
   file. A superseded epoch checkpoint is deleted only after its successor is published, so ``n_saved`` valid
   epoch checkpoints are on disk at every moment. Its state (the best score so far, the epoch files it keeps) goes
   into the epoch checkpoint, so a resumed run keeps ``model.pt`` unless beaten and keeps pruning old epochs.
+  The key-metric saver refuses a NaN score (a validation ground truth without nuclei): the run stops at that
+  validation with an error, so an undefined score never becomes the best model.
 - :class:`BestMetricState` and :class:`ResumableEarlyStopHandler` give the evaluator's best metric and the
   early-stopping counter a ``state_dict`` for the same purpose.
+- :class:`ResumeCheckpointLoader` resumes from such a checkpoint, and from an epoch checkpoint written before
+  these states were part of it (with a warning; the best score then comes from ``models/best_metric.json``).
 - :func:`resume_path` picks the checkpoint to resume from, skipping unreadable ones with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from monai.handlers import CheckpointSaver, EarlyStopHandler
+from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.utils import optional_import
 
 from scripts.files import atomic_path
@@ -32,6 +39,9 @@ logger = logging.getLogger(__name__)
 _EPOCH_FILE = re.compile(r"epoch=(\d+)\.pt$")
 _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
+
+BestScore = tuple[float, int]
+"""The best key-metric value of a run and the epoch that reached it."""
 
 
 class AtomicDiskSaver(BaseSaveHandler):
@@ -90,6 +100,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if state_key is not None:
             save_dict = {**save_dict, state_key: self}
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        self._key_metric_name = kwargs.get("key_metric_name")
 
         def refresh_own_state(checkpoint: dict) -> None:
             checkpoint[state_key] = self.state_dict()  # Ignite has now added the file being written
@@ -113,6 +124,36 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if k in state_dict:
                 checkpointer.load_state_dict(state_dict[k])
 
+    def restore_without_state(self, best: BestScore | None, resumed: Path) -> None:
+        """The state of a run resumed from ``resumed``, an epoch checkpoint that does not hold this saver's state.
+
+        The best model file (e.g. ``model.pt``), when present, is taken to hold the model of score ``best`` (None:
+        unknown, the next validation replaces it); ``resumed``, when it is one of this saver's epoch files, is kept
+        as the newest epoch file (pruned as ``n_saved`` says).
+        """
+        key_metric, interval = self._key_metric_checkpoint, self._interval_checkpoint
+        if key_metric is not None and best is not None:
+            name = key_metric.save_handler.filename
+            if name is not None and (key_metric.save_handler.dirname / name).is_file():
+                key_metric.load_state_dict({"_saved": [(best[0], name)]})
+        match = _EPOCH_FILE.search(resumed.name)
+        if interval is not None and match and resumed.parent.resolve() == interval.save_handler.dirname.resolve():
+            interval.load_state_dict({"_saved": [(int(match.group(1)), resumed.name)]})
+
+    def metrics_completed(self, engine: Engine) -> None:
+        """Saves the best model after a validation; a NaN key metric stops the run with an error.
+
+        Raises:
+            ValueError: the key metric is NaN (e.g. bPQ of a validation ground truth without nuclei).
+        """
+        name = self._key_metric_name if isinstance(self._key_metric_name, str) else engine.state.key_metric_name
+        score = engine.state.metrics[name]
+        if isinstance(score, numbers.Real) and math.isnan(score):
+            raise ValueError(
+                f"validation key metric {name} is NaN at epoch {engine.state.epoch}: the validation ground truth "
+                "has no nuclei to score; use a validation split with nuclei (no best model is saved)")
+        super().metrics_completed(engine)
+
 
 class BestMetricState:
     """The best key metric a MONAI evaluator has seen and its epoch, as a resumable state.
@@ -132,6 +173,11 @@ class BestMetricState:
         self.evaluator.state.best_metric = state_dict["best_metric"]
         self.evaluator.state.best_metric_epoch = state_dict["best_metric_epoch"]
 
+    def restore_without_state(self, best: BestScore | None, resumed: Path) -> None:
+        """Start from ``best`` when the resumed checkpoint holds no best metric (None: none yet)."""
+        if best is not None:
+            self.load_state_dict({"best_metric": best[0], "best_metric_epoch": best[1]})
+
 
 class ResumableEarlyStopHandler(EarlyStopHandler):
     """MONAI ``EarlyStopHandler`` whose counter and best score are part of the resumed state.
@@ -150,6 +196,69 @@ class ResumableEarlyStopHandler(EarlyStopHandler):
             raise RuntimeError("call set_trainer() before loading the early-stopping state")
         self._handler.counter = int(state_dict["counter"])
         self._handler.best_score = state_dict["best_score"]
+
+    def restore_without_state(self, best: BestScore | None, resumed: Path) -> None:
+        """Counter 0 and best score ``best`` when the resumed checkpoint holds no early-stopping state."""
+        self.load_state_dict({"counter": 0, "best_score": None if best is None else best[0]})
+
+
+def read_best_metric(path: str | Path) -> BestScore | None:
+    """The ``value`` and ``epoch`` of a ``best_metric.json`` (``scripts.training.best_metric``), None when the file
+    is absent or does not hold a finite value and an epoch."""
+    try:
+        record = json.loads(Path(path).read_text())
+        best = (float(record["value"]), int(record["epoch"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return best if math.isfinite(best[0]) else None
+
+
+class ResumeCheckpointLoader(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` that also resumes from an epoch checkpoint written before the best score, the
+    evaluator's best metric, the early-stopping counter and the kept files were part of it.
+
+    The entries of ``load_dict`` with a ``restore_without_state`` method (:class:`AtomicCheckpointSaver`,
+    :class:`BestMetricState`, :class:`ResumableEarlyStopHandler`) may be missing from the checkpoint: what it has is
+    loaded, one warning names the file and the missing entries, and those start from the best score recorded in
+    ``best_metric_file`` (unknown when absent: the next validation's model becomes the best model).
+
+    Args:
+        load_path, load_dict, **kwargs: as MONAI's ``CheckpointLoader``.
+        best_metric_file: the run's ``best_metric.json``; default: the one beside ``load_path``.
+
+    Raises (when the engine starts):
+        ValueError: the checkpoint lacks another entry of ``load_dict`` (model, optimizer, trainer, ...).
+    """
+
+    def __init__(self, load_path: str, load_dict: dict, best_metric_file: str | Path | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(load_path=load_path, load_dict=load_dict, **kwargs)
+        self.best_metric_file = Path(best_metric_file or Path(load_path).parent / "best_metric.json")
+
+    def __call__(self, engine: Engine) -> None:
+        entries = torch.load(self.load_path, map_location="cpu", weights_only=True, mmap=True).keys()
+        missing = [k for k in self.load_dict if k not in entries]
+        if not missing or len(self.load_dict) == 1:
+            super().__call__(engine)
+            return
+        required = [k for k in missing if not hasattr(self.load_dict[k], "restore_without_state")]
+        if required:
+            raise ValueError(f"cannot resume from {self.load_path}: it has no {', '.join(required)}")
+        full = self.load_dict
+        self.load_dict = {k: v for k, v in full.items() if k not in missing}
+        try:
+            super().__call__(engine)
+        finally:
+            self.load_dict = full
+        best = read_best_metric(self.best_metric_file)
+        for k in missing:
+            full[k].restore_without_state(best, Path(self.load_path))
+        start = (f"the best score starts from {self.best_metric_file} ({best[0]:.4g} at epoch {best[1]})"
+                 if best is not None else
+                 f"the best score is unknown (no {self.best_metric_file}): "
+                 "the next validation's model becomes the best")
+        logger.warning("%s was written without %s (an older checkpoint format): %s", self.load_path,
+                       ", ".join(missing), start)
 
 
 def unreadable(path: str | Path) -> str | None:
