@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     flavour = parser.add_mutually_exclusive_group()
     flavour.add_argument("--cuda", action="store_true", help="build with the CUDA kernels")
     flavour.add_argument("--cpu", action="store_true", help="build the CPU kernels only")
-    parser.add_argument("--build-dir", default=None, help="cache folder (default: this environment's folder under torch's extensions folder)")
+    parser.add_argument("--build-dir", default=None,
+                        help="cache folder (default: this environment's folder in torch's extensions folder)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     cuda = args.cuda or (not args.cpu and cuda_wanted())
