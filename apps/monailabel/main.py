@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 class CellVTAApp(MONAILabelApp):
     """The app. Settings come from ``--conf key value`` (see ``cellvta_label.config.AppConfig``): ``bundle``,
     ``model_dir``, ``work_dir``, ``overrides`` (JSON), ``model_name``, ``margin``, ``max_side``,
-    ``uncertainty_samples``."""
+    ``uncertainty_samples``, ``progress_every``."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.app_config = AppConfig.from_conf(app_dir, conf)
@@ -48,7 +48,8 @@ class CellVTAApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {self.app_config.model_name: CellVTAInfer(self.model, self.app_config.margin)}
+        infer = CellVTAInfer(self.model, self.app_config.margin, self.app_config.progress_every)
+        return {self.app_config.model_name: infer}
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {self.app_config.model_name: CellVTATrain(self.model, self.app_config)}

@@ -56,6 +56,7 @@ class AppConfig:
             so nuclei on tile borders are found whole and kept once, by their centroid).
         max_side: largest image side the uncertainty strategies score; larger images are scored on their centre.
         uncertainty_samples: predictions per uncertainty score.
+        progress_every: sliding windows between two inference progress lines in the log (0: one line per tile).
     """
 
     bundle: Path
@@ -66,6 +67,7 @@ class AppConfig:
     margin: int = 64
     max_side: int = 2048
     uncertainty_samples: int = 4
+    progress_every: int = 16
 
     @classmethod
     def from_conf(cls, app_dir: str | Path, conf: Mapping[str, str]) -> AppConfig:
@@ -85,4 +87,5 @@ class AppConfig:
             margin=_positive_int(conf, "margin", 64),
             max_side=_positive_int(conf, "max_side", 2048),
             uncertainty_samples=_positive_int(conf, "uncertainty_samples", 4),
+            progress_every=_positive_int(conf, "progress_every", 16),
         )

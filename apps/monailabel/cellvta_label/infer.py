@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from xml.sax.saxutils import escape
@@ -11,7 +14,8 @@ from xml.sax.saxutils import escape
 import cv2
 import numpy as np
 import torch
-from monai.inferers import Inferer
+from monai.data.utils import dense_patch_slices
+from monai.inferers import Inferer, SlidingWindowInferer
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import PolygonWriter
@@ -21,6 +25,48 @@ from .bundle import BundleModel
 from .regions import read_region
 
 POLYGON_OUTPUTS = ("asap", "dsa", "json")
+logger = logging.getLogger(__name__)
+
+
+def window_count(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """Windows a ``SlidingWindowInferer`` with ``roi_size`` and ``overlap`` runs over an image of ``image_size``
+    (spatial sizes; the image is padded to at least ``roi_size``)."""
+    size = [max(i, r) for i, r in zip(image_size, roi_size)]
+    interval = [r if r == i else max(int(r * (1 - overlap)), 1) for i, r in zip(size, roi_size)]
+    return len(dense_patch_slices(size, roi_size, interval))
+
+
+class ProgressInferer(Inferer):
+    """A sliding-window inferer that logs its progress: one line every ``every`` windows and one at the end
+    (windows done of the image's total, seconds so far).
+
+    Args:
+        inferer: the bundle's ``SlidingWindowInferer``.
+        every: windows between two progress lines (0: only the final line).
+        name: what the lines call the image (the request's image id and region).
+    """
+
+    def __init__(self, inferer: SlidingWindowInferer, every: int, name: str) -> None:
+        super().__init__()
+        self.inferer, self.every, self.name = inferer, every, name
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:
+        """``inputs``: ``(B, C, H, W)``; returns what the wrapped inferer returns."""
+        size = inputs.shape[2:]
+        roi = [r if r > 0 else s for r, s in zip(self.inferer.roi_size, size)]
+        total = inputs.shape[0] * window_count(size, roi, self.inferer.overlap)
+        start, done = time.perf_counter(), 0
+
+        def counted(windows: torch.Tensor, *a: Any, **k: Any) -> Any:
+            nonlocal done
+            out = network(windows, *a, **k)
+            before, done = done, done + windows.shape[0]
+            if done == total or (self.every and done // self.every > before // self.every):
+                logger.info(f"{self.name}: {done} / {total} windows of {size[-1]} x {size[-2]} px in "
+                            f"{time.perf_counter() - start:.1f} s")
+            return out
+
+        return self.inferer(inputs, counted, *args, **kwargs)
 
 
 class ReadRegiond:
@@ -84,10 +130,12 @@ class CellVTAInfer(BasicInferTask):
     Args:
         model: the served bundle.
         margin: default context around requested regions, in pixels.
+        progress_every: sliding windows between two progress lines in the log (0: one line per image or tile).
     """
 
-    def __init__(self, model: BundleModel, margin: int) -> None:
+    def __init__(self, model: BundleModel, margin: int, progress_every: int = 16) -> None:
         self.model = model
+        self.progress_every = progress_every
         super().__init__(
             path=str(model.model_file),
             network=None,
@@ -115,7 +163,12 @@ class CellVTAInfer(BasicInferTask):
         return [ReadRegiond(), *self.model.preprocessing()]
 
     def inferer(self, data: dict | None = None) -> Inferer:
-        return self.model.inferer()
+        data = data or {}
+        name = str(data.get("image_path") or data.get("image_id") or "image")
+        name = os.path.basename(name) if os.path.sep in name else name
+        if data.get("location") is not None and data.get("size") is not None:
+            name += f" region {list(data['location'])} {list(data['size'])}"
+        return ProgressInferer(self.model.inferer(), self.progress_every, name)
 
     def post_transforms(self, data: dict | None = None) -> Sequence[Callable]:
         return [*self.model.postprocessing(), NucleiResultd(self.model.classes())]
