@@ -103,7 +103,9 @@ class CellVTATrain(TrainTask):
             "classes": classes,
             "epochs": int(params["epochs"]),
             "best_metric": best,
-            "initial_weights": str(initial) if initial else None,
+            # relative to the work folder, or the served weights: /info shows this record, without server paths
+            "initial_weights": (None if initial is None else str(initial.relative_to(self.app_config.work_dir))
+                                if initial.is_relative_to(self.app_config.work_dir) else "served model.pt"),
             "seconds": round(time.time() - started, 1),
         }
         from scripts.files import write_text_atomic
