@@ -27,6 +27,7 @@ def config_arg(config: str | list[str]) -> str:
 
 EVALUATE = ["train.yaml", "evaluate.yaml"]
 INFERENCE = ["common.yaml", "inference.yaml"]
+WHOLE_SLIDE = ["common.yaml", "wsi_inference.yaml"]
 
 
 def bundle_run(workflow: str, config: str | list[str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -195,7 +196,7 @@ def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained,
     slide = tmp_path / "synthetic_slide.tif"
     write_pyramidal_tiff(slide, np.vstack([np.hstack(tiles[i : i + 3]) for i in (0, 3, 6)]), mpp=0.25, min_size=10_000)
     out = tmp_path / "wsi"
-    bundle_run("inferring", "wsi_inference.yaml", "--bundle_root", str(trained), "--input", str(slide),
+    bundle_run("inferring", WHOLE_SLIDE, "--bundle_root", str(trained), "--input", str(slide),
                "--output_dir", str(out), "--tile_size", "64", "--overlap", "16", "--postprocess_workers", "1",
                "--min_tissue_fraction", "0", "--embeddings", "True")
     summary = json.loads((out / "synthetic_slide.tif.json").read_text())

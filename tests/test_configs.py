@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.workflows.configs import CONFIGS_DIR, WORKFLOW_CONFIGS, config_files
+from scripts.workflows.configs import CONFIGS_DIR, WORKFLOW_CONFIGS, config_files, run_id
 from scripts.workflows.demo_data import demo_dataset
 from scripts.workflows.errors import one_line
 from scripts.workflows.overrides import check_overrides
@@ -33,7 +33,8 @@ def test_train_yaml_runs_alone_with_the_keys_of_common_yaml_unchanged():
 
 
 def test_workflow_configs_use_no_file_macros_and_overrides_only_add_to_train():
-    for name in ("common.yaml", "train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml"):
+    for name in ("common.yaml", "train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml",
+                 "wsi_inference.yaml"):
         assert "%configs/" not in (CONFIGS_DIR / name).read_text(), name
     train = load("train.yaml")
     for override in ("evaluate.yaml", "multi_gpu_train.yaml"):
@@ -42,10 +43,12 @@ def test_workflow_configs_use_no_file_macros_and_overrides_only_add_to_train():
         same = [k for k, v in config.items() if k in train and train[k] == v and k != "run"]
         assert not same, f"{override} repeats {same}"
     assert config_files("evaluating") == [str(CONFIGS_DIR / "train.yaml"), str(CONFIGS_DIR / "evaluate.yaml")]
-    assert set(WORKFLOW_CONFIGS) == {"training", "evaluating", "inferring"}
+    assert config_files("whole_slide") == [str(CONFIGS_DIR / "common.yaml"), str(CONFIGS_DIR / "wsi_inference.yaml")]
+    assert set(WORKFLOW_CONFIGS) == {"training", "evaluating", "inferring", "whole_slide"}
+    assert [run_id(w) for w in WORKFLOW_CONFIGS] == ["training", "evaluating", "inferring", "inferring"]
 
 
-@pytest.mark.parametrize("workflow", ["training", "evaluating", "inferring"])
+@pytest.mark.parametrize("workflow", ["training", "evaluating", "inferring", "whole_slide"])
 def test_every_workflow_parses_from_another_folder_and_builds_its_network(workflow, tmp_path, monkeypatch):
     data = demo_dataset(str(tmp_path / "data"), n=4, size=64)
     monkeypatch.chdir(tmp_path)
@@ -55,7 +58,7 @@ def test_every_workflow_parses_from_another_folder_and_builds_its_network(workfl
                    "dataset_info": "$scripts.data.datasets.read_info(@dataset_dir)"})
     network = parser.get_parsed_content("network")
     assert network.backbone == "vit-t" and network.decoder is not None
-    assert parser.get_parsed_content("num_classes") == 5 and workflow in parser.get()
+    assert parser.get_parsed_content("num_classes") == 5 and run_id(workflow) in parser.get()
 
 
 def test_the_documented_network_switch_override_reaches_the_network():

@@ -10,7 +10,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser, create_workflow
 
-from .configs import WORKFLOW_CONFIGS, config_files
+from .configs import WORKFLOW_CONFIGS, config_files, run_id
 from .errors import one_line
 from .overrides import check_overrides
 
@@ -25,11 +25,12 @@ def run(
     debug: bool = False,
     **override: Any,
 ) -> None:
-    """Run ``workflow`` (a run id of the configs: ``training``, ``evaluating``, ``inferring``, ``run``).
+    """Run ``workflow`` (``training``, ``evaluating``, ``inferring``, ``whole_slide``, or a run id such as ``run``).
 
     Args:
-        workflow: the id run; it also picks the config files when ``config_file`` is None
-            (training: train.yaml; evaluating: train.yaml + evaluate.yaml; inferring: common.yaml + inference.yaml).
+        workflow: the id run (``whole_slide`` runs ``inferring``); it also picks the config files when
+            ``config_file`` is None (training: train.yaml; evaluating: train.yaml + evaluate.yaml; inferring:
+            common.yaml + inference.yaml; whole_slide: common.yaml + wsi_inference.yaml).
         config_file: a config file or a list merged in order, as for ``monai.bundle run``.
         debug: raise the original exception (full traceback) instead of a one-line :class:`WorkflowError`.
         override: ``key=value`` pairs that override the configs (``#`` paths reach nested keys); MONAI's own
@@ -48,7 +49,7 @@ def run(
     except (ValueError, OSError) as err:
         raise WorkflowError(str(err) if isinstance(err, ValueError) else one_line(err)) from err
     try:
-        wf = create_workflow(config_file=files, run_id=workflow, **run_args, **override)
+        wf = create_workflow(config_file=files, run_id=run_id(workflow), **run_args, **override)
         wf.run()
         wf.finalize()
     except Exception as err:
