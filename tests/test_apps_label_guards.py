@@ -244,3 +244,5 @@ def test_info_answers_while_an_inference_runs(guarded):
     assert info.status_code == 200 and status.status_code == 200
     assert results["infer"].status_code == 200, results["infer"].text
     assert answered_during, "the inference finished before /info answered: make the region larger"
+    # the server log reports the inference's progress (each 128-pixel tile of the slide region, with its margin)
+    assert "slide.tiff region [0, 0] [128, 128]: " in guarded.log.read_text()

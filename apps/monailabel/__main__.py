@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # the app's and MONAI Label's own lines (inference progress, latencies, training) in the server log
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] [%(name)s] [%(levelname)s] %(message)s")
     remote = args.studies.startswith(("http://", "https://"))
     studies = args.studies.rstrip("/") if remote else Path(args.studies).resolve()
     if not remote and not studies.is_dir():
