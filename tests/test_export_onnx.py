@@ -28,6 +28,8 @@ SIZE = 64  # metadata spatial shape "16*n" at n = 4
 N = SIZE // 16
 # 4 injectors x 3 levels + (4 + 2 extra) extractors x 1 level
 GRID_SAMPLES = 18
+# the inference workflow: common keys, then inference (relative to the bundle folder)
+INFERENCE_CONFIGS = ("configs/common.yaml", "configs/inference.yaml")
 
 
 def _tiny_network(bundle_root: Path) -> torch.nn.Module:
@@ -35,7 +37,7 @@ def _tiny_network(bundle_root: Path) -> torch.nn.Module:
     parser = ConfigParser()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(BUNDLE)
-        parser.read_config("configs/inference.yaml")
+        parser.read_config(list(INFERENCE_CONFIGS))
         for key, value in {**TINY, "bundle_root": str(bundle_root)}.items():
             parser[key] = value
         return parser.get_parsed_content("network_def")
@@ -73,7 +75,7 @@ def bundle_root(tmp_path_factory) -> Path:
 def onnx_file(bundle_root) -> Path:
     """The tiny model exported through the command line, as a user runs it."""
     out = bundle_root / "models" / "model.onnx"
-    cmd = [sys.executable, "-m", "scripts.model.export", "export_onnx", "--config_file", "configs/inference.yaml",
+    cmd = [sys.executable, "-m", "scripts.model.export", "export_onnx", "--config_file", str(list(INFERENCE_CONFIGS)),
            "--onnx_file", str(out), "--ckpt_file", str(bundle_root / "models" / "model.pt"), "--n", str(N),
            "--bundle_root", str(bundle_root), "--backbone", "vit-t", "--vit_kwargs", "{'depth': 4}"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -88,7 +90,7 @@ def test_onnxruntime_outputs_equal_eager_for_any_batch_size(onnx_file, bundle_ro
     overrides = {**TINY, "bundle_root": str(bundle_root)}
     ckpt = str(bundle_root / "models" / "model.pt")
     for batch in (1, 3):
-        diffs = compare_onnx(str(onnx_file), "configs/inference.yaml", ckpt, batch=batch, n=N, **overrides)
+        diffs = compare_onnx(str(onnx_file), list(INFERENCE_CONFIGS), ckpt, batch=batch, n=N, **overrides)
         assert set(diffs) == {"nuclei_binary_map", "hv_map", "nuclei_type_map", "tissue_types"}
         assert max(diffs.values()) <= 1e-4
 
