@@ -107,6 +107,7 @@ def test_config_errors_are_one_line_naming_the_cause_and_the_key():
                                    "'/no/such/dataset/dataset.json' (config key 'info')")
 
 
+@pytest.mark.slow
 def test_the_command_line_reports_a_missing_dataset_in_one_line_and_the_traceback_on_request(tmp_path):
     cmd = [sys.executable, "-m", "scripts.workflows", "run", "training", "--dataset_dir", str(tmp_path / "none"),
            "--bundle_root", str(tmp_path), "--backbone", "vit-t", "--vit_kwargs", "{'depth': 4}"]

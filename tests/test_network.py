@@ -124,6 +124,7 @@ def test_both_msda_implementations_give_the_same_network_output(monkeypatch):
         torch.testing.assert_close(outs["compiled"][key], outs["reference"][key], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bfloat16_autocast_stays_close_to_float32():
     model, x = small_cellvta(), images(1, 128)
     with torch.no_grad():
