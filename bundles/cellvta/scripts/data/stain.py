@@ -21,6 +21,8 @@ from monai.transforms import MapTransform, RandomizableTransform, Transform
 from skimage.color import hed2rgb, rgb2hed
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
+from .transforms import RandImageDict
+
 __all__ = ["MacenkoNormalizer", "NormalizeStaind", "RandHEStain", "RandHEStaind"]
 
 # Macenko's reference H&E (columns: hematoxylin, eosin optical-density unit vectors in RGB) and the 99th
@@ -138,25 +140,9 @@ class RandHEStain(RandomizableTransform):
         return torch.as_tensor(out, device=image.device) if is_tensor else out
 
 
-class RandHEStaind(RandomizableTransform, MapTransform):
+class RandHEStaind(RandImageDict):
     """Dictionary version of :class:`RandHEStain`: one draw, applied to every key."""
 
     def __init__(self, keys: KeysCollection = "image", sigma: float = 0.05, bias: float = 0.01,
                  prob: float = 0.5) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
-        self.inner = RandHEStain(sigma, bias, prob=1.0)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.inner.set_random_state(seed, state)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if self._do_transform:
-            self.inner.randomize()
-            for key in self.key_iterator(d):
-                d[key] = self.inner(d[key], randomize=False)
-        return d
+        super().__init__(keys, prob, RandHEStain(sigma, bias, prob=1.0))

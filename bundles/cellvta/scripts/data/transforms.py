@@ -255,7 +255,7 @@ class RandColorJitter(RandomizableTransform):
         return img
 
 
-class _RandImageDict(RandomizableTransform, MapTransform):
+class RandImageDict(RandomizableTransform, MapTransform):
     """Dictionary wrapper of an image-only random transform ``self.inner``: one draw, applied to every key."""
 
     inner: RandomizableTransform
@@ -280,7 +280,7 @@ class _RandImageDict(RandomizableTransform, MapTransform):
         return d
 
 
-class RandColorJitterd(_RandImageDict):
+class RandColorJitterd(RandImageDict):
     """Dictionary version of :class:`RandColorJitter` (same parameters for all ``keys``)."""
 
     def __init__(
@@ -333,7 +333,7 @@ class RandZoomBlur(RandomizableTransform):
         return (total / (len(self._factors) + 1)).transpose(2, 0, 1)
 
 
-class RandZoomBlurd(_RandImageDict):
+class RandZoomBlurd(RandImageDict):
     """Dictionary version of :class:`RandZoomBlur`."""
 
     def __init__(
@@ -388,7 +388,7 @@ class RandSuperpixels(RandomizableTransform):
         return cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
 
 
-class RandSuperpixelsd(_RandImageDict):
+class RandSuperpixelsd(RandImageDict):
     """Dictionary version of :class:`RandSuperpixels`."""
 
     def __init__(
