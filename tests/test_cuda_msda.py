@@ -17,6 +17,7 @@ import torch
 import custom_ops
 from custom_ops import ms_deform_attn, ms_deform_attn_reference
 from custom_ops.inputs import outputs_and_gradients, random_inputs
+from tests.test_msda_op import CASES  # the shapes of the CPU tests: unequal levels, batch 1/3/65, heads 1/8, points 1/4
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,16 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels cannot run here"),
 ]
 
-# The shapes of the CPU tests (tests/test_msda_op.py): unequal levels, batch 1/3/65, heads 1/8, points 1/4.
-CASES = [
-    # batch, heads, points, levels, queries
-    (1, 1, 1, [(5, 7)], 11),
-    (3, 8, 4, [(6, 4), (3, 5)], 9),
-    (1, 8, 4, [(8, 8), (4, 4), (2, 2)], 16),
-    (65, 1, 4, [(4, 6), (2, 3), (1, 1)], 3),
-    (3, 1, 1, [(3, 3), (7, 2), (1, 4)], 5),
-    (65, 8, 1, [(5, 5)], 2),
-]
 NAMES = ("output", "grad value", "grad locations", "grad weights")
 
 
