@@ -23,6 +23,11 @@ this machine, so the table compares architectures from scratch, not foundation m
 Budget: CPU time per model (``time.process_time()`` of its own process, data loading included), checked
 before every step; ``--jobs`` models train at once, ``--threads`` torch threads each.
 
+Nothing is lost: ``--work-dir`` (default ``outputs/bench/encoders``) keeps the dataset split, each finished
+model's result (``<model>.json``) and trained weights (``<model>.pt``, with the validation file names); a rerun
+with the same settings reuses them and trains only the models still missing. ``bench/cells.py --network``
+reuses a trained network from there.
+
     python bench/encoders.py                                                    # 20 CPU-minutes per model
     python bench/encoders.py --budget-min 0.25 --max-val 4 --crop 64 --batch-size 2   # a CPU smoke run (minutes)
 
@@ -57,6 +62,7 @@ from train_consep import (  # noqa: E402
 )
 
 from scripts.data.datasets import dataset_list, read_info  # noqa: E402
+from scripts.files import atomic_path, write_text_atomic  # noqa: E402
 from scripts.data.sampling import CellTissueSampler  # noqa: E402
 from scripts.data.transforms import IMAGE_KEY, val_transforms  # noqa: E402
 from scripts.model.backbones import image_statistics  # noqa: E402
@@ -104,8 +110,13 @@ def build(name: str, num_classes: int, seed: int):
     return net, cellvta_loss(), 3e-4, image_statistics(backbone)
 
 
-def run_model(name: str, args: argparse.Namespace, data_dir: str, result_file: str) -> None:
-    """Train and score one model in this process; write its result as JSON to ``result_file``."""
+def settings(args: argparse.Namespace) -> dict:
+    """The arguments that change a model's result: a kept result is reused only under the same ones."""
+    return {k: getattr(args, k) for k in ("budget_min", "batch_size", "crop", "threads", "max_val", "seed")}
+
+
+def run_model(name: str, args: argparse.Namespace, data_dir: str, work_dir: str) -> None:
+    """Train and score one model in this process; keep its weights and its result in ``work_dir``."""
     torch.set_num_threads(args.threads)
     info = read_info(data_dir)
     net, loss_fn, lr, (mean, std) = build(name, info.num_classes, args.seed)
@@ -124,22 +135,38 @@ def run_model(name: str, args: argparse.Namespace, data_dir: str, result_file: s
               "s_per_step": round(trained["train_cpu_min"] * 60 / max(trained["steps"], 1), 2),
               "val_tiles": len(val_data), "eval_cpu_min": round((time.process_time() - cpu0) / 60, 2)}
     print(f"{name}: { {k: v for k, v in result.items() if k != 'batch_sha1'} }", file=sys.stderr, flush=True)
-    tmp = Path(result_file).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(result_file)
+    work = Path(work_dir)
+    with atomic_path(work / f"{name}.pt") as tmp:
+        torch.save({"state_dict": net.state_dict(), "model": name, "backbone": (MODELS[name] or (None, None))[1],
+                    "num_classes": info.num_classes, "val_files": [Path(d[IMAGE_KEY]).name for d in val_data],
+                    "settings": settings(args)}, tmp)
+    write_text_atomic(work / f"{name}.json", json.dumps({"settings": settings(args), "result": result}))
+
+
+def kept_result(work_dir: Path, name: str, args: argparse.Namespace) -> dict | None:
+    """A model's result kept by an earlier run with the same settings, or None."""
+    path = work_dir / f"{name}.json"
+    if not path.is_file() or not (work_dir / f"{name}.pt").is_file():
+        return None
+    kept = json.loads(path.read_text())
+    return kept["result"] if kept["settings"] == settings(args) else None
 
 
 def run_all(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
     """Every model in its own process, ``args.jobs`` at a time; per-model failures are reported at the end."""
-    results, failed = {}, []
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {n: r for n in names if (r := kept_result(work, n, args)) is not None}
+    if results:
+        print(f"reusing the kept results of {sorted(results)} from {work}", file=sys.stderr)
+    failed = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(prepare_consep(Path(tmp), args.seed))
         ctx = mp.get_context("spawn")
-        pending = list(names)
+        pending = [n for n in names if n not in results]
         while pending:
             group, pending = pending[: args.jobs], pending[args.jobs:]
-            procs = {n: ctx.Process(target=run_model, args=(n, args, data_dir, str(Path(tmp) / f"{n}.json")))
-                     for n in group}
+            procs = {n: ctx.Process(target=run_model, args=(n, args, data_dir, str(work))) for n in group}
             for p in procs.values():
                 p.start()
             for n, p in procs.items():
@@ -147,7 +174,7 @@ def run_all(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
                 if p.exitcode != 0:
                     failed.append(f"{n} (exit code {p.exitcode})")
                 else:
-                    results[n] = json.loads((Path(tmp) / f"{n}.json").read_text())
+                    results[n] = kept_result(work, n, args)
     if failed:
         raise SystemExit(f"training failed: {', '.join(failed)}")
     return results
@@ -163,6 +190,8 @@ def main() -> None:
     parser.add_argument("--max-val", type=int, default=0, help="score only the first N validation tiles (0: all)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the models")
     parser.add_argument("--seed", type=int, default=19)
+    parser.add_argument("--work-dir", default=str(ROOT / "outputs" / "bench" / "encoders"),
+                        help="kept per-model results and trained weights (reused by a rerun with the same settings)")
     args = parser.parse_args()
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
