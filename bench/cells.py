@@ -5,7 +5,7 @@ spindle-shaped), split by source tile (``val_tile_fraction`` of the tiles held o
 scored on the held-out tiles' ground-truth nuclei.
 
 What is measured, honestly: no pretrained or trained weights can be fetched on this machine, so the network is a
-**randomly initialised** bundle network (``configs/cells_bench.yaml``: CellViT or CellVTA, ViT-T, seeded). Its
+**randomly initialised** bundle network (``configs/classifier_bench.yaml``: CellViT or CellVTA, ViT-T, seeded). Its
 embeddings are random features; its own type branch is untrained (chance). The benchmark therefore measures the
 pipeline on real data, the label efficiency of the head, its training and extraction cost, and how much each
 source carries from the image through random weights, against the strongest peer that runs here: the same head
@@ -15,7 +15,7 @@ and decoder embeddings carry what the network learnt; rerun the benchmark there.
 
 Sources: ``vit`` (last-block tokens pooled over each nucleus; encoder only) on ``vit_patches`` patches with the
 pixel baseline; ``decoder``, the type branch and ``vit`` again on the first ``full_patches`` of them (the whole
-network runs). Head: the classifier of ``configs/cells.yaml``, trained with 5..100 labelled nuclei per class and
+network runs). Head: the classifier of ``configs/classifier.yaml``, trained with 5..100 labelled nuclei per class and
 with all (on the whole-network patches: ``full_labels_per_class`` and all), ``curve_seeds`` seeds each;
 macro-F1 and balanced accuracy on the held-out nuclei. The head's training time is measured on ``timing_cells``
 nuclei (train nuclei drawn with replacement, 10% noise so that no two rows are equal) for a fixed
@@ -144,12 +144,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int)
     parser.add_argument("--no-record", action="store_true", help="print the result without writing bench/results")
     args = parser.parse_args()
-    cfg = yaml.safe_load((BUNDLE / "configs" / "cells_bench.yaml").read_text())
+    cfg = yaml.safe_load((BUNDLE / "configs" / "classifier_bench.yaml").read_text())
     for key, value in (("vit_patches", args.vit_patches), ("full_patches", args.full_patches),
                        ("curve_seeds", args.seeds)):
         if value is not None:
             cfg[key] = value
-    cells_cfg = yaml.safe_load((BUNDLE / "configs" / "cells.yaml").read_text())
+    cells_cfg = yaml.safe_load((BUNDLE / "configs" / "classifier.yaml").read_text())
     head = {k: cells_cfg[f"classifier_{k}"] for k in HEAD_KEYS}
     torch.set_num_threads(cfg["threads"])
     with np.load(CONSEP) as d:

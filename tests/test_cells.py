@@ -223,7 +223,7 @@ def test_workflow_dataset_and_points(consep, tiny_net, tmp_path):
 
 
 def test_cells_config_resolves(monkeypatch, tmp_path):
-    """configs/cells.yaml merged over common.yaml: its keys resolve and its workflows name real functions."""
+    """configs/classifier.yaml merged over common.yaml: its keys resolve and its workflows name real functions."""
     from monai.bundle import ConfigParser
 
     from scripts.cells import workflow
@@ -231,7 +231,7 @@ def test_cells_config_resolves(monkeypatch, tmp_path):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1] / "bundles" / "cellvta")
     parser = ConfigParser()
-    parser.read_config(["configs/common.yaml", "configs/cells.yaml"])
+    parser.read_config(["configs/common.yaml", "configs/classifier.yaml"])
     parser["bundle_root"] = str(tmp_path)
     assert parser.get_parsed_content("classifier_path") == str(tmp_path / "models" / "classifier.pt")
     assert parser.get_parsed_content("embedding_source") in SOURCES

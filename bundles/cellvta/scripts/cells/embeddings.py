@@ -1,6 +1,6 @@
 """Per-cell embeddings of a frozen segmentation network, cached on disk one file per image.
 
-Two sources (``source`` in ``configs/cells.yaml``):
+Two sources (``source`` in ``configs/classifier.yaml``):
 
 * ``vit``: the ViT's last-block patch tokens after its final norm (what timm's ``forward_features`` returns),
   a ``(D, H/16, W/16)`` map, pooled over the nucleus: each token weighs by the number of the nucleus' pixels it

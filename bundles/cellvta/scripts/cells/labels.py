@@ -44,7 +44,7 @@ class ClassTable:
 
     @classmethod
     def from_config(cls, classes: list) -> ClassTable:
-        """From ``[{name: ..., colour: [r, g, b]}, ...]`` (``configs/cells.yaml``)."""
+        """From ``[{name: ..., colour: [r, g, b]}, ...]`` (``configs/classifier.yaml``)."""
         return cls([str(c["name"]) for c in classes], [tuple(c["colour"]) for c in classes])
 
     def to_config(self) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The adaptation loop as bundle workflows (``configs/cells.yaml``): embed, train a classifier, classify.
+"""The adaptation loop as bundle workflows (``configs/classifier.yaml``): embed, train a classifier, classify.
 
 * :func:`run_embedding`: one cache file per image (``scripts.cells.embeddings``), for the nuclei of a dataset in
   the bundle's layout (ground truth) or those the network detects on a folder of images;
