@@ -1,7 +1,7 @@
 """The README's and the model card's result tables and the bundle's ``eval_metrics``, from ``bench/results/*.json``.
 
 Each document holds its tables between marker lines, ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
-(NAME ``components`` or ``train_consep``); this script rewrites what lies between them, so a quoted figure is
+(NAME ``components``, ``train_consep`` or ``encoders``); this script rewrites what lies between them, so a quoted figure is
 always the one a benchmark recorded.
 
 Usage: ``python bench/tables.py`` (rewrite) or ``python bench/tables.py --check`` (exit 1 when a document is
@@ -142,6 +142,35 @@ def train_consep_table(entries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+ENCODER_LABELS = {
+    "cellvta_vit_s": "CellVTA ViT-S/16 (adapter)",
+    "cellvit_vit_s": "CellViT ViT-S/16 (no adapter)",
+    "cellvit_sam_b": "CellViT-SAM-B",
+    "cellvit_convnext_t": "ConvNeXt-T",
+    "cellvit_swinv2_t": "Swin V2-T",
+    "hovernet": "MONAI HoVerNet (fast)",
+}
+
+
+def encoders_table(entries: dict[str, dict[str, Any]]) -> str:
+    """Every encoder under the one decoder for the same CPU budget, one row each."""
+    entry = entries.get("encoders")
+    if entry is None:
+        return "(no recorded run of `bench/encoders.py`)"
+    r = entry["result"]
+    rows = [f"`{entry.get('command', 'bench/encoders.py')}`: {r['budget_min']} {r['budget']} per model, "
+            f"{r['crop']}² crops, batch {r['batch_size']}, {r['weights']}, {r['identical_batches']} identical "
+            f"batches; {_machine(entry)}, {entry.get('date', '')}.", "",
+            "| model | parameters | steps | CPU s/step | bPQ | mPQ | Dice | AJI | detection F1 |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for key, label in ENCODER_LABELS.items():
+        if key in r:
+            m = r[key]
+            rows.append(f"| {label} | {m['params_m']} M | {m['steps']} | {m['s_per_step']} | {m['bpq']} | "
+                        f"{m['mpq']} | {m['dice']} | {m['aji']} | {m['detection_f1']} |")
+    return "\n".join(rows)
+
+
 def eval_metrics(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``metadata.json``'s ``eval_metrics``: the bundle's own CellVTA scores on CoNSeP, saying what was measured."""
     entry = entries.get("train_consep")
@@ -167,6 +196,7 @@ def render_metadata(text: str, entries: dict[str, dict[str, Any]]) -> str:
 TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {
     "components": components_table,
     "train_consep": train_consep_table,
+    "encoders": encoders_table,
 }
 
 
