@@ -77,6 +77,33 @@ def test_embeddings_equal_direct_computation(consep, tiny_net):
     assert e_vit.fingerprint == e_dec.fingerprint and len(e_vit.fingerprint) == 16
 
 
+def test_embedder_removes_its_hook_on_close(consep, tiny_net, tmp_path):
+    """Each embedder hooks one module of the network; closing it (or leaving its ``with`` block, as
+    ``run_embedding`` does) removes exactly that hook, and a closed embedder refuses to read features."""
+    vit_block = tiny_net.encoder.vit.blocks[-1]
+    dec_conv = tiny_net.decoder.branches["nuclei_type_map"].decoder0_header[-2]
+    hooks = (len(vit_block._forward_hooks), len(dec_conv._forward_hooks))
+    image, inst = consep["images"][3][:64, :48], consep["inst_map"][3][:64, :48]
+    with CellEmbedder(tiny_net, "vit", type_head=False) as vit, CellEmbedder(tiny_net, "decoder") as dec:
+        assert (len(vit_block._forward_hooks), len(dec_conv._forward_hooks)) == (hooks[0] + 1, hooks[1] + 1)
+        e_vit = vit(image, inst)
+        e_dec = dec(image, inst)
+    assert (len(vit_block._forward_hooks), len(dec_conv._forward_hooks)) == hooks
+    assert e_vit.embeddings.shape == (len(np.unique(inst)) - 1, tiny_net.encoder.vit.embed_dim)
+    assert e_dec.embeddings.shape == (len(e_vit.ids), 64)
+    with pytest.raises(RuntimeError, match="closed"):
+        vit.features(64, 48)
+    dec.close()   # idempotent
+    assert len(dec_conv._forward_hooks) == hooks[1]
+    with CellEmbedder(tiny_net, "decoder") as again:   # a fresh embedder on the same network sees the same map
+        np.testing.assert_allclose(again(image, inst).embeddings, e_dec.embeddings, atol=1e-6)
+    root = tmp_path / "data"
+    with DatasetWriter(root, "consep", CONSEP_CLASSES, ["colon"], 40) as w:
+        w.add("p3", image, inst, consep["type_map"][3][:64, :48], "train")
+    assert len(run_embedding(tiny_net, dataset_items(str(root)), str(tmp_path / "emb"), "decoder")) == 1
+    assert len(dec_conv._forward_hooks) == hooks[1]
+
+
 def _points(xy, labels, source="pts.csv"):
     return PointLabels(np.asarray(xy, float), list(labels), source)
 

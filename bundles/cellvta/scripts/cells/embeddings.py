@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..data.datasets import read_image, read_label
 from ..files import atomic_path
@@ -136,6 +137,8 @@ def _centroids(inst_map: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
 class CellEmbedder:
     """Run a frozen network on an image and pool one embedding per nucleus.
 
+    The embedder hooks one module of ``network``; :meth:`close` (or leaving a ``with`` block) removes the hook.
+
     Args:
         network: a bundle network (``CellVTA``/``CellViT``), with ``mean``/``std`` attributes (0-1 scale).
         source: ``vit`` or ``decoder`` (module docstring).
@@ -158,19 +161,17 @@ class CellEmbedder:
         self.fingerprint = model_fingerprint(network)
         self._mean = torch.as_tensor(network.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._std = torch.as_tensor(network.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        if source == "vit":
-            if not hasattr(network.encoder, "vit"):
-                raise ValueError(f"the 'vit' embedding source needs a ViT encoder ({type(network.encoder).__name__} "
-                                 "has none): use the 'decoder' source")
-            self._vit = network.encoder.vit
-            self._module = self._vit.blocks[-1]
-        else:
-            self._module = network.decoder.branches[branch].decoder0_header[-2]
-        self._captured: torch.Tensor | None = None
-        self._module.register_forward_hook(self._capture)
+        self.feature_source = FeatureSource(network, source, branch)
 
-    def _capture(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
-        self._captured = output
+    def close(self) -> None:
+        """Remove the forward hook from the network (the network is left as it was built); idempotent."""
+        self.feature_source.close()
+
+    def __enter__(self) -> CellEmbedder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @torch.inference_mode()
     def maps(self, image: np.ndarray, decoder: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -188,16 +189,10 @@ class CellEmbedder:
             out = {}
         return self.features(height + ph, width + pw), out
 
-    @torch.inference_mode()
     def features(self, height: int, width: int) -> torch.Tensor:
         """The source's feature map ``(D, h, w)`` of the network's last forward on a ``height x width`` input
         (another embedder hooked on the same network reads its own source from that one forward)."""
-        if self._captured is None:
-            raise RuntimeError("the network has not run since this embedder was made")
-        if self.source == "vit":
-            h, w = height // 16, width // 16
-            return tokens_to_map(self._vit.norm(self._captured)[:, -h * w:], h, w)[0].float()
-        return self._captured[0].float()
+        return self.feature_source(height, width)[0]
 
     def __call__(self, image: np.ndarray, inst_map: np.ndarray | None = None, name: str = "") -> CellEmbeddings:
         """Embed the nuclei of ``inst_map`` (H, W) (ground truth), or, when None, those the network detects."""
@@ -214,7 +209,7 @@ class CellEmbedder:
                                                .cpu().numpy(), None, self.magnification)
         if inst_map.shape != (height, width):
             raise ValueError(f"{name}: instance map {inst_map.shape} differs from the image {(height, width)}")
-        scale = 16 if self.source == "vit" else 1
+        scale = self.feature_source.scale
         padded = np.zeros((features.shape[-2] * scale, features.shape[-1] * scale), np.int64)
         padded[:height, :width] = inst_map
         inst = torch.from_numpy(padded)

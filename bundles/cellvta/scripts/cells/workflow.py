@@ -60,8 +60,8 @@ def run_embedding(network: torch.nn.Module, items: list[dict], embedding_dir: st
                   branch: str = "nuclei_type_map", device: str | torch.device = "cpu",
                   magnification: int = 40) -> list[Path]:
     """Embed every item into ``embedding_dir`` (cached files of the same model and source are kept)."""
-    embedder = CellEmbedder(network, source, device, branch, magnification)
-    paths, errors = embed_files(embedder, items, embedding_dir)
+    with CellEmbedder(network, source, device, branch, magnification) as embedder:
+        paths, errors = embed_files(embedder, items, embedding_dir)
     _fail_on(errors, f"embedding into {embedding_dir}")
     return paths
 
