@@ -36,7 +36,7 @@ from ..nuclei.postprocess import hovernet_postprocess
 
 SOURCES = ("vit", "decoder")
 
-__all__ = ["SOURCES", "CellEmbeddings", "CellEmbedder", "pool_cells", "model_fingerprint", "embed_files"]
+__all__ = ["SOURCES", "CellEmbeddings", "CellEmbedder", "FeatureSource", "pool_cells", "model_fingerprint", "embed_files"]
 
 
 def model_fingerprint(network: nn.Module) -> str:
@@ -134,6 +134,69 @@ def _centroids(inst_map: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
     return pool_cells(coords, inst_map, ids).cpu().numpy().astype(np.float32)
 
 
+class FeatureSource:
+    """The embedding source's feature map of every forward of a network, read by a forward hook on its module.
+
+    The one definition of the ``vit`` and ``decoder`` sources (module docstring): :class:`CellEmbedder`, tile
+    and whole-slide inference all read their cells' features through it.
+
+    Args:
+        network: a bundle network (``CellVTA``/``CellViT``).
+        source: ``vit`` or ``decoder``.
+        branch: the decoder branch of the ``decoder`` source.
+
+    Attributes:
+        scale: the input's resolution over the map's, 16 (``vit``) or 1 (``decoder``).
+    """
+
+    def __init__(self, network: nn.Module, source: str = "vit", branch: str = "nuclei_type_map") -> None:
+        if source not in SOURCES:
+            raise ValueError(f"unknown embedding source {source!r}; known: {list(SOURCES)}")
+        if source == "vit":
+            if not hasattr(network.encoder, "vit"):
+                raise ValueError(f"the 'vit' embedding source needs a ViT encoder ({type(network.encoder).__name__} "
+                                 "has none): use the 'decoder' source")
+            self._vit = network.encoder.vit
+            module = self._vit.blocks[-1]
+        else:
+            if branch not in network.decoder.branches:
+                raise ValueError(f"unknown decoder branch {branch!r}; known: {list(network.decoder.branches)}")
+            module = network.decoder.branches[branch].decoder0_header[-2]
+        self.source = source
+        self.scale = 16 if source == "vit" else 1
+        self._captured: torch.Tensor | None = None
+        self._hook: RemovableHandle | None = module.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        self._captured = output
+
+    @torch.inference_mode()
+    def __call__(self, height: int, width: int) -> torch.Tensor:
+        """``(B, D, height / scale, width / scale)`` float32: the source's map of the network's last forward on a
+        ``(B, 3, height, width)`` input (``height``, ``width`` multiples of 16)."""
+        if self._hook is None:
+            raise RuntimeError("this feature source is closed: its forward hook was removed")
+        if self._captured is None:
+            raise RuntimeError("the network has not run since this feature source was made")
+        if self.source == "vit":
+            h, w = height // 16, width // 16
+            return tokens_to_map(self._vit.norm(self._captured)[:, -h * w:], h, w).float()
+        return self._captured.float()
+
+    def close(self) -> None:
+        """Remove the forward hook from the network (the network is left as it was built); idempotent."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._captured = None
+
+    def __enter__(self) -> FeatureSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class CellEmbedder:
     """Run a frozen network on an image and pool one embedding per nucleus.
 
@@ -151,17 +214,15 @@ class CellEmbedder:
 
     def __init__(self, network: nn.Module, source: str = "vit", device: torch.device | str = "cpu",
                  branch: str = "nuclei_type_map", magnification: int = 40, type_head: bool = True) -> None:
-        if source not in SOURCES:
-            raise ValueError(f"unknown embedding source {source!r}; known: {list(SOURCES)}")
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
+        self.feature_source = FeatureSource(network, source, branch)
         self.source = source
         self.magnification = magnification
         self.type_head = type_head
         self.fingerprint = model_fingerprint(network)
         self._mean = torch.as_tensor(network.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._std = torch.as_tensor(network.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self.feature_source = FeatureSource(network, source, branch)
 
     def close(self) -> None:
         """Remove the forward hook from the network (the network is left as it was built); idempotent."""
