@@ -1,7 +1,9 @@
 """Macenko stain normalisation (checked against torchstain's own normalisation on real CoNSeP tiles), HED stain
-augmentation, and stain normalisation inside whole-slide inference."""
+augmentation, and stain normalisation inside tile and whole-slide inference."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from scripts.data.stain import MacenkoNormalizer, NormalizeStaind, RandHEStain, 
 from scripts.slides.pyramid import write_pyramidal_tiff
 from scripts.slides.wsi import WSISettings, run_slide
 
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cellvta"
 OTHER_STAINS = [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]  # another lab's H&E (Ruifrok & Johnston's vectors)
 
 
@@ -104,3 +107,43 @@ def test_whole_slide_normalisation_shows_the_network_a_restained_slide_as_the_or
 
     assert gap("raw") > 10 and gap("normalised") < 0.5 * gap("raw"), (gap("raw"), gap("normalised"))
     assert np.abs(seen["original", "normalised"].seen[0, 0].astype(int) - image[:256, :256]).mean() > 1
+
+
+def test_tile_inference_preprocessing_normalises_as_the_transform_does_by_hand(tiles, tmp_path):
+    import cv2
+    from monai.bundle import ConfigParser
+
+    from scripts.data.transforms import LoadTile
+
+    cv2.imwrite(str(tmp_path / "a.png"), tiles[2][..., ::-1])
+    cv2.imwrite(str(tmp_path / "ref.png"), tiles[5][..., ::-1])
+    sample = {"image": str(tmp_path / "a.png"), "path": str(tmp_path / "a.png"), "name": "a"}
+
+    def preprocess(**overrides) -> np.ndarray:
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / c) for c in ("common.yaml", "inference.yaml")])
+        parser.update({"bundle_root": str(tmp_path), "input_dir": str(tmp_path), "checkpoint": None,
+                       "official_normalization": True, **overrides})  # 0.5/0.5: image = 2 * rgb - 1
+        return parser.get_parsed_content("preprocessing")(sample)["image"].numpy()
+
+    off = preprocess()
+    np.testing.assert_allclose(off, LoadTile()(tiles[2]) * 2 - 1, atol=1e-6)
+    for target, normalizer in [
+        ({}, MacenkoNormalizer()),
+        ({"stain_vectors": OTHER_STAINS, "stain_max_concentrations": [1.5, 1.3]},
+         MacenkoNormalizer(OTHER_STAINS, [1.5, 1.3])),
+        ({"stain_reference": str(tmp_path / "ref.png")}, MacenkoNormalizer(reference=tiles[5])),
+    ]:
+        by_hand = LoadTile()(normalizer(tiles[2])) * 2 - 1
+        on = preprocess(stain_normalization=True, **target)
+        np.testing.assert_allclose(on, by_hand, atol=1e-6)
+        assert np.abs(on - off).mean() > 0.02
+    # channel-first float images (as loaded) give what the uint8 image gives
+    d = NormalizeStaind(keys="image", reference=str(tmp_path / "ref.png"))({"image": LoadTile()(tiles[2])})
+    np.testing.assert_array_equal(np.rint(d["image"] * 255).astype(np.uint8),
+                                  MacenkoNormalizer(reference=tiles[5])(tiles[2]).transpose(2, 0, 1))
+    with pytest.raises(ValueError, match="ref_glass.png: too few stained pixels"):
+        cv2.imwrite(str(tmp_path / "ref_glass.png"), np.full((64, 64, 3), 245, np.uint8))
+        MacenkoNormalizer(reference=tmp_path / "ref_glass.png")
+    with pytest.raises(ValueError, match="3 x 2"):
+        MacenkoNormalizer(stains=[0.5, 0.7, 0.4])

@@ -3,9 +3,9 @@
 * :class:`MacenkoNormalizer` estimates an image's (or a whole slide's) hematoxylin and eosin optical-density
   vectors with torchstain's Macenko implementation (numpy backend) and re-renders images with a target's
   vectors and maximal concentrations: either stored vectors (the defaults are Macenko's reference H&E, as in
-  torchstain and CellViT) or those fitted on a reference image. :class:`NormalizeStaind` is its MONAI dict form.
-  Fitting once per slide (on its thumbnail's tissue) and applying the same mapping to every tile keeps tiles of
-  one slide consistent.
+  torchstain and CellViT) or those fitted on a reference image. :class:`NormalizeStaind` is its MONAI dict form,
+  used by tile inference (each tile its own source). Whole-slide inference fits once per slide (on its thumbnail's
+  tissue) and applies the same mapping to every tile, which keeps tiles of one slide consistent.
 * :class:`RandHEStain` / :class:`RandHEStaind` scale and shift each channel of the HED colour deconvolution
   (scikit-image's ``rgb2hed``/``hed2rgb``; Tellez et al., 2018) for training.
 """
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from monai.transforms import MapTransform, RandomizableTransform, Transform
 from skimage.color import hed2rgb, rgb2hed
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
+from .datasets import read_image
 from .transforms import RandImageDict
 
 __all__ = ["MacenkoNormalizer", "NormalizeStaind", "RandHEStain", "RandHEStaind"]
@@ -35,9 +37,9 @@ class MacenkoNormalizer(Transform):
     """Macenko stain normalisation of (H, W, 3) uint8 RGB images.
 
     Args:
-        stains: (3, 2) target optical-density vectors (hematoxylin, eosin columns).
-        max_concentrations: (2,) target 99th-percentile concentrations.
-        reference: an (H, W, 3) uint8 RGB image to take the target from instead.
+        stains: (3, 2) target optical-density vectors (hematoxylin, eosin columns); None: Macenko's reference H&E.
+        max_concentrations: (2,) target 99th-percentile concentrations; None: Macenko's reference.
+        reference: an (H, W, 3) uint8 RGB image, or the path of one, to take the target from instead.
         io: transmitted light intensity.
         alpha: percentile of the angle extremes (Macenko's robustness parameter).
         beta: optical density below which a pixel is background.
@@ -49,16 +51,24 @@ class MacenkoNormalizer(Transform):
 
     backend = ["numpy"]
 
-    def __init__(self, stains: Sequence[Sequence[float]] = REFERENCE_STAINS,
-                 max_concentrations: Sequence[float] = REFERENCE_MAX_CONCENTRATIONS,
-                 reference: np.ndarray | None = None, io: float = 240, alpha: float = 1, beta: float = 0.15,
-                 min_pixels: int = 500) -> None:
+    def __init__(self, stains: Sequence[Sequence[float]] | None = None,
+                 max_concentrations: Sequence[float] | None = None,
+                 reference: np.ndarray | str | Path | None = None, io: float = 240, alpha: float = 1,
+                 beta: float = 0.15, min_pixels: int = 500) -> None:
         self.io, self.alpha, self.beta, self.min_pixels = io, alpha, beta, min_pixels
-        self.target = (np.asarray(stains, np.float64), np.asarray(max_concentrations, np.float64))
+        self.target = (np.asarray(REFERENCE_STAINS if stains is None else stains, np.float64),
+                       np.asarray(REFERENCE_MAX_CONCENTRATIONS if max_concentrations is None else max_concentrations,
+                                  np.float64))
+        if self.target[0].shape != (3, 2) or self.target[1].shape != (2,):
+            raise ValueError(f"stain vectors must be 3 x 2 (H and E columns) and maximal concentrations 2 numbers, got "
+                             f"shapes {self.target[0].shape} and {self.target[1].shape}")
         if reference is not None:
+            name = "the stain reference image"
+            if isinstance(reference, (str, Path)):
+                name, reference = str(reference), read_image(reference)
             fitted = self.estimate(reference)
             if fitted is None:
-                raise ValueError("the stain reference image has too few stained pixels to fit")
+                raise ValueError(f"{name}: too few stained pixels to fit the target stains")
             self.target = fitted
         self.source: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -93,16 +103,32 @@ class MacenkoNormalizer(Transform):
 
 
 class NormalizeStaind(MapTransform):
-    """Dictionary version of :class:`MacenkoNormalizer` for (H, W, 3) uint8 RGB images (same arguments)."""
+    """Dictionary version of :class:`MacenkoNormalizer`, each image its own source (same arguments: ``stains``,
+    ``max_concentrations``, ``reference``, ...; the keys ``stain_vectors``, ``stain_max_concentrations`` and
+    ``stain_reference`` of the inference configs).
+
+    Images: (H, W, 3) uint8 RGB, or (3, H, W) float RGB in [0, 1] (as :class:`~scripts.data.transforms.LoadSampled`
+    gives them; rounded to 8 bits, normalised and returned as float32 in the same layout).
+    """
 
     def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False, **kwargs) -> None:
         super().__init__(keys, allow_missing_keys)
         self.normalizer = MacenkoNormalizer(**kwargs)
 
+    def _normalize(self, image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image)
+        if image.dtype == np.uint8:
+            return self.normalizer(image)
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"stain normalisation takes (H, W, 3) uint8 or (3, H, W) float images, got "
+                             f"{image.dtype} of shape {image.shape}")
+        rgb = np.clip(np.rint(np.moveaxis(image, 0, -1) * 255), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.moveaxis(self.normalizer(rgb), -1, 0)).astype(np.float32) / 255
+
     def __call__(self, data: Mapping[Hashable, np.ndarray]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.normalizer(d[key])
+            d[key] = self._normalize(d[key])
         return d
 
 

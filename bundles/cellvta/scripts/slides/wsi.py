@@ -520,16 +520,9 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
 
 def _stain_normalizer(settings: WSISettings, tissue: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """Macenko normalisation to the configured target, fitted on the slide's (N, 3) tissue pixels."""
-    from ..data.stain import REFERENCE_MAX_CONCENTRATIONS, REFERENCE_STAINS, MacenkoNormalizer  # imports torch
+    from ..data.stain import MacenkoNormalizer  # imports torch
 
-    reference = None
-    if settings.stain_reference is not None:
-        image = cv2.imread(str(settings.stain_reference), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"{settings.stain_reference}: stain reference image not readable")
-        reference = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    normalizer = MacenkoNormalizer(settings.stain_vectors or REFERENCE_STAINS,
-                                   settings.stain_max_concentrations or REFERENCE_MAX_CONCENTRATIONS, reference)
+    normalizer = MacenkoNormalizer(settings.stain_vectors, settings.stain_max_concentrations, settings.stain_reference)
     normalizer.fit_source(tissue)  # too little tissue: each tile is estimated on its own
     return normalizer
 
