@@ -13,6 +13,8 @@ temporary is removed and no output of the failed run appears.
 from __future__ import annotations
 
 import csv
+import functools
+import gzip
 import json
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -53,64 +55,194 @@ def check_unique_names(slides: Sequence[str | Path]) -> None:
         seen.setdefault(key, slide)
 
 
-def _rounded(values: np.ndarray, digits: int) -> list[float]:
-    return [round(v, digits) for v in np.asarray(values, dtype=np.float64).tolist()]
+_MINUS = ord("-")
+
+
+def _bytes(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+
+
+def _text_table(texts: Sequence[str], width: int, dtype: type = np.uint8) -> np.ndarray:
+    """(len(texts), width / itemsize) ``dtype`` views of ASCII texts, each right-aligned in ``width`` bytes and padded
+    with NULs."""
+    return np.frombuffer("".join(t.rjust(width, "\0") for t in texts).encode("ascii"), dtype).reshape(len(texts), -1)
+
+
+@functools.cache
+def _digit_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(20000,) uint32 views of 4 ASCII bytes: at ``i < 10000`` the number ``i`` right-aligned, NUL-padded (a leading
+    group, zero all NULs in the first table and ``\0\0\00`` in the second, for a number's only group), at
+    ``10000 + i`` the number zero-padded (``0042``, a group after a leading one)."""
+    numbers = list(map(str, range(10000)))
+    padded = [n.zfill(4) for n in numbers]
+    return (_text_table(["", *numbers[1:], *padded], 4, np.uint32).ravel(),
+            _text_table(numbers + padded, 4, np.uint32).ravel())
+
+
+@functools.cache
+def _fraction_table(digits: int, after: str = "") -> np.ndarray:
+    """(10**digits, F) uint32 views of ``4 F`` ASCII bytes: ``.`` and the decimals of ``i / 10**digits`` without
+    trailing zeros (one kept), NUL-padded, then ``after`` in the last bytes: ``.0``, ``.01``, ..., ``.5``."""
+    width = 4 * -(-(digits + 1 + len(after)) // 4)
+    texts = [("." + str(i).zfill(digits).rstrip("0")).ljust(2, "0").ljust(width - len(after), "\0") + after
+             for i in range(10**digits)]
+    return np.frombuffer("".join(texts).encode("ascii"), np.uint32).reshape(10**digits, -1)
+
+
+def _integer_groups(values: np.ndarray, extra: int = 0) -> np.ndarray:
+    """(N, G + extra) uint32: in the first G columns the ASCII decimal digits of (N,) non-negative int64 values,
+    four bytes a column, NULs in place of leading zeros; ``extra`` columns left for the caller."""
+    groups = []
+    rest = values
+    while True:
+        higher = rest // 10000
+        groups.append(rest - higher * 10000)
+        rest = higher
+        if not rest.any():
+            break
+    leading, only = _digit_tables()
+    text = np.empty((len(values), len(groups) + extra), dtype=np.uint32)
+    index = groups.pop()
+    for j, group in enumerate(reversed(groups)):
+        text[:, j] = leading[index]
+        index = group + (index > 0) * 10000  # zero-padded once a higher group is not zero
+    text[:, len(groups)] = only[index]
+    return text
+
+
+def _number_words(values: np.ndarray, digits: int, after: str = "", python_round: bool = False) -> np.ndarray:
+    """(N, W) uint32 views of ASCII text, NUL-padded: per value the text ``json.dumps`` gives it rounded to
+    ``digits`` (1 to 4) decimals by ``np.round`` (by Python's ``round`` when ``python_round``), then ``after``.
+
+    A double rounded to a few decimals prints as its shortest round-trip repr, which for magnitudes below 1e13 is
+    the decimal with trailing zeros removed (one kept): ``12.5``, ``3.0``, ``0.07``, ``-0.0``.
+
+    Raises:
+        ValueError: a value is not finite or too large to print without an exponent.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    unit = 10**digits
+    scaled = x * unit
+    k = np.rint(scaled)  # np.round is rint(x * 10**d) / 10**d
+    if python_round:  # the decimal nearest the exact binary value: may differ where x * 10**d is near a half
+        near = np.flatnonzero(np.abs(np.abs(scaled - np.trunc(scaled)) - 0.5) < 1e-6 * np.maximum(1, np.abs(scaled)))
+        k[near] = [round(round(v, digits) * unit) for v in x[near].tolist()]
+    if not np.isfinite(k).all() or (len(k) and np.abs(k).max() >= 1e15):
+        raise ValueError("GeoJSON numbers must be finite and below 1e13")
+    whole = np.abs(k).astype(np.int64)
+    integral = whole // unit
+    fraction = _fraction_table(digits, after)
+    text = _integer_groups(integral, fraction.shape[1])
+    text[:, -fraction.shape[1] :] = fraction[whole - integral * unit]
+    negative = np.signbit(k)
+    if negative.any():
+        return np.hstack([np.where(negative, _MINUS, 0).astype(np.uint32)[:, None], text])
+    return text
+
+
+def _number_text(values: np.ndarray, digits: int, python_round: bool = False) -> np.ndarray:
+    """:func:`_number_words` as (N, 4 W) uint8."""
+    return _number_words(values, digits, python_round=python_round).view(np.uint8)
+
+
+def _columns(*columns: np.ndarray | str, n: int) -> np.ndarray:
+    """(n, W) uint8: text columns side by side, each an (n, w) uint8 array or a ``str`` repeated on every row."""
+    blocks = [_bytes(c) if isinstance(c, str) else c for c in columns]
+    table = np.empty((n, sum(b.shape[-1] for b in blocks)), dtype=np.uint8)
+    at = 0
+    for block in blocks:
+        table[:, at : at + block.shape[-1]] = block
+        at += block.shape[-1]
+    return table
 
 
 def geojson_features(rings: Sequence[np.ndarray], ids: np.ndarray, types: np.ndarray, probability: np.ndarray,
-                     area_um2: np.ndarray, class_names: Sequence[str], colors: np.ndarray) -> list[str]:
-    """QuPath detections as compact JSON text, one string per nucleus, formatted in bulk.
+                     area_um2: np.ndarray, class_names: Sequence[str], colors: np.ndarray) -> bytes:
+    """QuPath detections as compact JSON text joined by ``",\\n"``, formatted by array operations on bytes.
 
-    The text equals ``json.dumps(feature, separators=(",", ":"))`` of the feature
-    ``{"type": "Feature", "geometry": Polygon(ring rounded to 2 decimals), "properties": {"objectType": "detection",
-    "classification": {"name", "color"}, "measurements": {"cell_id", "type_probability", "area_um2"}}}``.
+    Each feature's text equals ``json.dumps(feature, separators=(",", ":"))`` of
+    ``{"type": "Feature", "geometry": Polygon(ring rounded to 2 decimals by np.round), "properties": {"objectType":
+    "detection", "classification": {"name", "color"}, "measurements": {"cell_id", "type_probability",
+    "area_um2"}}}``, with probability and area rounded by Python's ``round`` to 4 and 2 decimals.
+
+    The text is laid out as a table of NUL-padded rows, one per vertex, each ring's vertices followed by rows
+    holding the end of its feature and the start of the next, and read out with the NULs dropped.
 
     Args:
         rings: N closed rings, (K + 1, 2) float ``(x, y)``.
         ids, types: (N,) int cell ids and class ids.
-        probability, area_um2: (N,) float, rounded to 4 and 2 decimals.
+        probability, area_um2: (N,) float.
         class_names: names by class id (ids beyond the list are ``class_<id>``).
         colors: (C, 3) int RGB by class id (ids beyond it cycle through it after background).
+
+    Returns:
+        ASCII text (empty without rings).
     """
-    if not len(rings):
-        return []
-    coords = np.concatenate(rings).round(2)
-    vertices = (("[%r,%r]\n" * len(coords)) % tuple(coords.ravel().tolist())).split("\n")
-    bounds = np.concatenate([[0], np.cumsum([len(r) for r in rings])]).tolist()
-    names = {}
-    template = ('{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[%s]]},"properties":{"objectType":'
-                '"detection","classification":{"name":%s,"color":[%d,%d,%d]},"measurements":{"cell_id":%d,'
-                '"type_probability":%r,"area_um2":%r}}}')
-    out = []
-    for k, (t, i, p, a) in enumerate(zip(np.asarray(types).tolist(), np.asarray(ids).tolist(),
-                                         _rounded(probability, 4), _rounded(area_um2, 2))):
-        if t not in names:
-            name = class_names[t] if t < len(class_names) else f"class_{t}"
-            color = colors[t] if t < len(colors) else colors[1 + (t - 1) % (len(colors) - 1)]
-            names[t] = (json.dumps(name), *map(int, color))
-        out.append(template % (",".join(vertices[bounds[k] : bounds[k + 1]]), *names[t], i, p, a))
-    return out
+    n = len(rings)
+    if not n:
+        return b""
+    ends = np.cumsum([len(r) for r in rings])
+    coords = np.concatenate(rings)
+    following = np.full((len(coords), 1), np.frombuffer(b",[\0\0", np.uint32)[0], dtype=np.uint32)
+    following[ends - 1] = 0
+    # a vertex ``x,y],[`` in 4-byte words, the ``[`` of a ring's first vertex written by the text before it
+    vertices = np.hstack([_number_words(coords[:, 0], 2, ","), _number_words(coords[:, 1], 2, "]"),
+                          following]).view(np.uint8)
+
+    types = np.asarray(types, dtype=np.int64)
+    present = np.unique(types)
+    labels = []
+    for t in present.tolist():
+        name = class_names[t] if t < len(class_names) else f"class_{t}"
+        color = colors[t] if t < len(colors) else colors[1 + (t - 1) % (len(colors) - 1)]
+        labels.append('%s,"color":[%d,%d,%d]' % (json.dumps(name), *map(int, color)))
+    head = '{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[['
+    following = np.tile(_bytes(",\n" + head), (n, 1))
+    following[-1] = 0
+    tails = _columns(']]},"properties":{"objectType":"detection","classification":{"name":',
+                     _text_table(labels, max(map(len, labels)))[np.searchsorted(present, types)],
+                     '},"measurements":{"cell_id":', _integer_groups(np.asarray(ids, dtype=np.int64)).view(np.uint8),
+                     ',"type_probability":', _number_text(probability, 4, python_round=True),
+                     ',"area_um2":', _number_text(area_um2, 2, python_round=True), "}}}", following, n=n)
+
+    width = vertices.shape[1]
+    per = -(-tails.shape[1] // width)  # rows of the vertex width holding one tail
+    lead = -(-len(head) // width)  # rows holding the first feature's start
+    tail_rows = ((lead + ends + np.arange(n) * per)[:, None] + np.arange(per)).ravel()
+    text = bytearray((lead + len(coords) + n * per) * width)
+    table = np.frombuffer(text, dtype=np.uint8).reshape(-1, width)
+    table.reshape(-1)[: len(head)] = _bytes(head)
+    is_vertex = np.ones(len(table), dtype=bool)
+    is_vertex[:lead] = is_vertex[tail_rows] = False
+    table[is_vertex] = vertices
+    table[tail_rows] = np.pad(tails, ((0, 0), (0, per * width - tails.shape[1]))).reshape(-1, width)
+    return bytes(text.translate(None, b"\0"))
 
 
 class GeoJSONStream:
-    """A GeoJSON FeatureCollection written block by block into an open text file."""
+    """A GeoJSON FeatureCollection written block by block into a file, gzip-compressed when ``gzip_level`` is given
+    (with no file name or time in the gzip header, so equal collections give equal files)."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = open(path, "w", encoding="utf-8")
-        self._file.write('{"type": "FeatureCollection", "features": [\n')
+    def __init__(self, path: Path, gzip_level: int | None = None) -> None:
+        self._file = open(path, "wb")
+        self._out = self._file if gzip_level is None else gzip.GzipFile(
+            filename="", mode="wb", compresslevel=gzip_level, fileobj=self._file, mtime=0)
+        self._out.write(b'{"type": "FeatureCollection", "features": [\n')
         self._first = True
 
-    def write(self, features: Sequence[str]) -> None:
+    def write(self, features: bytes) -> None:
         """Append features given as JSON text (:func:`geojson_features`)."""
         if not features:
             return
-        text = ",\n".join(features)
-        self._file.write(text if self._first else ",\n" + text)
+        if not self._first:
+            self._out.write(b",\n")
+        self._out.write(features)
         self._first = False
 
     def close(self) -> None:
         """Finish the collection."""
-        self._file.write("\n]}\n")
+        self._out.write(b"\n]}\n")
+        self._out.close()
         self._file.close()
 
     def discard(self) -> None:
