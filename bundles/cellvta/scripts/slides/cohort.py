@@ -2,8 +2,10 @@
 
 A cohort is named by one of:
 
-* a slide;
-* a folder: every slide in it (by extension, hidden files left out), in name order;
+* a slide: a file, or a DICOM series (a folder of ``.dcm`` files, or one of them: :mod:`.readers`);
+* a folder: every slide in it (by extension, hidden files left out) and every sub-folder holding ``.dcm``
+  files (a DICOM series, named by its folder: ``cohort/case7/*.dcm`` writes ``case7.geojson``, ...), in name
+  order; a folder that itself holds ``.dcm`` files is one DICOM slide;
 * a ``.txt`` file: one slide path per line;
 * a ``.csv`` file with a header holding ``path`` and optionally ``mpp`` (microns per level-0 pixel, for slides
   that do not record it or record it wrongly) and ``roi`` (a region file, :mod:`.regions`); relative paths are
@@ -21,7 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SLIDE_SUFFIXES", "SlideEntry", "list_slides"]
+from .readers import DICOM_SUFFIX
+
+__all__ = ["SLIDE_SUFFIXES", "SlideEntry", "is_dicom_folder", "list_slides"]
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
 
@@ -77,19 +81,34 @@ def _read_csv(path: Path) -> list[SlideEntry]:
     return entries
 
 
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder holding ``.dcm`` files (a DICOM whole-slide series)."""
+    return path.is_dir() and any(p.suffix.lower() == DICOM_SUFFIX for p in _visible(path))
+
+
 def list_slides(inputs: str | Path | Sequence[str | Path]) -> list[SlideEntry]:
     """The slides named by ``inputs`` (see the module docstring).
 
     Raises:
         FileNotFoundError: a ``.txt`` or ``.csv`` list that does not exist.
-        ValueError: a CSV without a ``path`` column.
+        ValueError: a CSV without a ``path`` column; a folder holding both ``.dcm`` files and other slides.
     """
     if not isinstance(inputs, (str, Path)):
         return [SlideEntry(Path(p)) for p in inputs]
     path = Path(inputs)
     if path.is_dir():
-        return [SlideEntry(p) for p in sorted(path.iterdir())
-                if p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")]
+        slides = [p for p in _visible(path)
+                  if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES) or is_dicom_folder(p)]
+        if not is_dicom_folder(path):
+            return [SlideEntry(p) for p in slides]
+        if slides:
+            raise ValueError(f"{path}: holds .dcm files (one DICOM slide) and other slides ({slides[0].name}, ...): "
+                             f"put the DICOM series in a folder of its own")
+        return [SlideEntry(path)]
     if path.suffix.lower() in (".txt", ".csv"):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: slide list not found")

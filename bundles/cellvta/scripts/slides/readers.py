@@ -2,14 +2,18 @@
 
 Two readers give the same interface (:class:`Slide`):
 
-* :class:`OpenSlideSlide` reads every format OpenSlide knows (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...)
-  through MONAI's ``WSIReader(backend="openslide")``;
+* :class:`OpenSlideSlide` reads every format OpenSlide knows (SVS, NDPI, MRXS, SCN, generic tiled TIFF, DICOM,
+  ...) through MONAI's ``WSIReader(backend="openslide")``;
 * :class:`TiffSlide` reads plain and OME-TIFF files with tifffile, decoding only the tiles (or strips) that
   intersect the requested region. MONAI's own tifffile backend decodes a whole level for every patch, which is
   unusable on a slide of 100k x 100k pixels.
 
 :func:`open_slide` picks the reader (``backend="auto"``: tifffile for ``.tif/.tiff`` files that it can read
 region-wise, OpenSlide otherwise). Every reading error names the file.
+
+A DICOM whole-slide image is a series of ``.dcm`` files (one per pyramid level, plus label and overview images),
+opened by OpenSlide from any one of them. It is named by its folder, which must hold the ``.dcm`` files of exactly
+one series with pyramid (``VOLUME``) images (:func:`dicom_series`), or by one of its ``.dcm`` files.
 
 Coordinates: ``(x, y)`` in pixels of the level named, ``x`` along the width; regions that reach beyond the slide
 are filled with white (255), the colour of glass.
@@ -36,9 +40,11 @@ except ImportError:
     openslide = None
 _has_tifffile, _has_openslide = tifffile is not None, openslide is not None
 
-__all__ = ["OpenSlideSlide", "Slide", "SlideError", "TiffSlide", "open_slide"]
+__all__ = ["DICOM_SUFFIX", "OpenSlideSlide", "Slide", "SlideError", "TiffSlide", "dicom_series", "open_slide"]
 
 BACKGROUND = 255
+DICOM_SUFFIX = ".dcm"
+_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 _UM_PER_UNIT = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -51,13 +57,15 @@ class Slide(ABC):
     """A pyramidal RGB image.
 
     Attributes:
-        path: the file.
+        path: the file (a DICOM series: its folder).
+        files: the files the slide is made of (``[path]`` but for a DICOM series).
         level_dimensions: ``(width, height)`` of every level, level 0 the largest.
         level_downsamples: level-0 pixels per pixel of every level.
         mpp: microns per level-0 pixel, or None when the file does not say.
     """
 
     path: Path
+    files: list[Path]
     level_dimensions: list[tuple[int, int]]
     level_downsamples: list[float]
     mpp: float | None
@@ -111,7 +119,11 @@ class Slide(ABC):
 
 
 class OpenSlideSlide(Slide):
-    """A slide read by OpenSlide through MONAI's ``WSIReader(backend="openslide")``."""
+    """A slide read by OpenSlide through MONAI's ``WSIReader(backend="openslide")``.
+
+    Args:
+        path: the slide: a file, or the folder of a DICOM series (:func:`dicom_series`).
+    """
 
     def __init__(self, path: str | Path) -> None:
         if not _has_openslide:
@@ -119,9 +131,11 @@ class OpenSlideSlide(Slide):
         from monai.data import WSIReader
 
         self.path = Path(path)
+        dicom = self.path.is_dir() or self.path.suffix.lower() == DICOM_SUFFIX
+        self.files = dicom_series(self.path) if dicom else [self.path]
         self._reader = WSIReader(backend="openslide", level=0, channel_dim=-1)
         try:
-            self._wsi = self._reader.read(str(self.path))
+            self._wsi = self._reader.read(str(self.path if self.path.is_file() else self.files[0]))
         except Exception as err:  # OpenSlide raises its own error types for unknown or corrupt files
             raise SlideError(f"{self.path}: OpenSlide cannot open it ({type(err).__name__}: {err})") from err
         count = self._reader.get_level_count(self._wsi)
@@ -157,6 +171,7 @@ class TiffSlide(Slide):
         if not _has_tifffile:
             raise SlideError(f"{path}: tifffile is not installed")
         self.path = Path(path)
+        self.files = [self.path]
         try:
             self._tif = tifffile.TiffFile(self.path)
             series = self._tif.series[0]
@@ -228,20 +243,69 @@ def _tiff_mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
     return None
 
 
+def dicom_series(path: str | Path) -> list[Path]:
+    """The ``.dcm`` files of a DICOM whole-slide series (sorted by name), read header-only: for a folder, those of
+    the one series in it with a pyramid (``VOLUME``) image; for a ``.dcm`` file, those of its series in its folder.
+
+    A series holding no pyramid image (an overview or label stored as a series of its own) does not count.
+
+    Raises:
+        SlideError: naming the folder or file: no ``.dcm`` file, a file that is not DICOM, no whole-slide pyramid,
+            or pyramids of several series in a folder (each series must be a folder of its own, or be named by one
+            of its files).
+    """
+    import pydicom
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == DICOM_SUFFIX
+                   and (not p.name.startswith(".") or p.name == path.name))
+    if not files:
+        raise SlideError(f"{folder}: no {DICOM_SUFFIX} files (a folder is a slide when it holds a DICOM series)")
+    series: dict[str, list[Path]] = {}
+    pyramids: list[str] = []
+    for file in files:
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True,
+                                     specific_tags=["SOPClassUID", "SeriesInstanceUID", "ImageType"])
+        except Exception as err:  # InvalidDicomError, EOFError, ... on files that are not DICOM
+            raise SlideError(f"{file}: not a readable DICOM file ({type(err).__name__}: {err})") from err
+        uid = str(header.get("SeriesInstanceUID", ""))
+        series.setdefault(uid, []).append(file)
+        image_type = [str(t).upper() for t in header.get("ImageType", [])]
+        if str(header.get("SOPClassUID", "")) == _WSI_SOP_CLASS and image_type[2:3] == ["VOLUME"]:
+            pyramids += [uid] if uid not in pyramids else []
+    if not path.is_dir():
+        return next(found for found in series.values() if any(f.name == path.name for f in found))
+    if not pyramids:
+        raise SlideError(f"{folder}: no DICOM whole-slide pyramid (VL Whole Slide Microscopy VOLUME image) "
+                         f"among its {len(files)} {DICOM_SUFFIX} files")
+    if len(pyramids) > 1:
+        listing = "; ".join(f"series {uid}: {', '.join(p.name for p in series[uid])}" for uid in pyramids)
+        raise SlideError(f"{folder}: holds {len(pyramids)} DICOM whole-slide series ({listing}); put each series "
+                         f"in a folder of its own, or name the slide by one of its {DICOM_SUFFIX} files")
+    return series[pyramids[0]]
+
+
 def open_slide(path: str | Path, backend: str = "auto") -> Slide:
     """Open ``path`` with ``backend`` ``"openslide"``, ``"tifffile"`` or ``"auto"``.
 
     ``auto`` reads ``.tif``/``.tiff``/``.ome.tif`` files with tifffile (vendor TIFFs that tifffile cannot read
-    region-wise, such as JPEG-2000 SVS, go to OpenSlide) and every other format with OpenSlide.
+    region-wise, such as JPEG-2000 SVS, go to OpenSlide) and every other format, DICOM series folders included,
+    with OpenSlide.
 
     Raises:
         SlideError: the file is missing, unknown or corrupt.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SlideError(f"{path}: no such slide file")
     if backend not in {"auto", "openslide", "tifffile"}:
         raise SlideError(f"{path}: unknown slide backend {backend!r} (auto, openslide, tifffile)")
+    if path.is_dir():
+        if backend == "tifffile":
+            raise SlideError(f"{path}: a folder (DICOM series) is read with OpenSlide, not the tifffile backend")
+        return OpenSlideSlide(path)
+    if not path.is_file():
+        raise SlideError(f"{path}: no such slide file")
     if backend == "openslide":
         return OpenSlideSlide(path)
     if backend == "tifffile":
