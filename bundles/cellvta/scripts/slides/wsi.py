@@ -12,8 +12,8 @@ For each slide:
 4. save the nuclei of every ``chunk_tiles`` consecutive tiles as a part file: a killed run, started again with
    the same command, skips the parts it has and ends with the same outputs as an uninterrupted run;
 5. stream the parts into the outputs (:mod:`.outputs`), published together when all are complete.
-   ``<slide>`` is the slide's full file name (``case.1.tif`` -> ``case.1.tif.geojson``); a cohort holding two slides
-   of the same file name is refused before any work:
+   ``<slide>`` is the slide's full file name (``case.1.tif`` -> ``case.1.tif.geojson``; a DICOM series folder:
+   the folder's name); a cohort holding two slides of the same file name is refused before any work:
 
    * ``<slide>.geojson``: QuPath detections (class name and colour, measurements);
    * ``<slide>.csv``: ``id, x, y`` (level-0 pixels), ``x_um, y_um``, ``type_id, type, probability, area_um2``;
@@ -195,11 +195,12 @@ def weights_id(path: str | Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _fingerprint(slide_path: Path, geometry: SlideGeometry, settings: WSISettings, predictor_id: str,
+def _fingerprint(slide: Slide, geometry: SlideGeometry, settings: WSISettings, predictor_id: str,
                  region: Region | None) -> str:
-    stat = slide_path.stat()
+    stats = [p.stat() for p in slide.files]  # a DICOM series: every file of it
     keys = {k: v for k, v in asdict(settings).items() if k not in {"batch_size", "postprocess_workers", "read_threads"}}
-    ident = {"slide": str(slide_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+    ident = {"slide": str(slide.path.resolve()), "size": sum(s.st_size for s in stats),
+             "mtime_ns": max(s.st_mtime_ns for s in stats),
              "geometry": asdict(geometry), "settings": keys, "predictor": predictor_id,
              "roi": None if region is None else hashlib.sha256(region.source.read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -466,7 +467,7 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
     with open_slide(slide_path, settings.backend) as slide:
         geometry = slide_geometry(slide, settings)
         region = None if roi is None else read_region(roi, *slide.dimensions)
-        fingerprint = _fingerprint(slide_path, geometry, settings, predictor_id, region)
+        fingerprint = _fingerprint(slide, geometry, settings, predictor_id, region)
         previous = _finished(summary_path, fingerprint)
         if previous is not None:
             shutil.rmtree(parts_folder, ignore_errors=True)  # left by a run killed after publishing its summary
