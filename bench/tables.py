@@ -1,8 +1,8 @@
 """The README's and the model card's result tables and the bundle's ``eval_metrics``, from ``bench/results/*.json``.
 
 Each document holds its tables between marker lines, ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
-(NAME ``components``, ``train_consep`` or ``encoders``); this script rewrites what lies between them, so a quoted figure is
-always the one a benchmark recorded.
+(NAME ``components``, ``train_consep``, ``encoders`` or ``classifier``); this script rewrites what lies between
+them, so a quoted figure is always the one a benchmark recorded.
 
 Usage: ``python bench/tables.py`` (rewrite) or ``python bench/tables.py --check`` (exit 1 when a document is
 out of date, naming it).
@@ -68,13 +68,13 @@ def _encoders(r: Result) -> str:
     return f"{r['budget_min']} {r['budget']} per model, {r['weights']}: " + "; ".join(cells)
 
 
-def _cells(r: Result) -> str:
-    curve = r["vit_set"]["curve"]
-    head = r["head_training_20k"]
-    return (f"{r['network']}: head macro-F1 with all labels vit {curve['vit']['all']['macro_f1']}, "
-            f"pixel features {curve['pixel']['all']['macro_f1']}; 50 labels per class / all "
-            f"{r['ratios']['vit_50_over_all']}; head training on {head['cells']:,} cells {head['wall_s']} s; "
-            f"default source {r['best_source_here']}")
+def _classifier(r: Result) -> str:
+    curve, best = r["curve"], r["best_source"]
+    return (f"{r['network']}: head macro-F1 with all labels vit {curve['vit']['all']['macro_f1']}, decoder "
+            f"{curve['decoder']['all']['macro_f1']}, pixel features {curve['pixel']['all']['macro_f1']}, the "
+            f"network's type branch {r['type_branch']['macro_f1']}; {best} with 50 labels per class "
+            f"{curve[best]['50']['macro_f1']}; head training on {r['head_training'][best]['cells']:,} cells "
+            f"{r['head_training'][best]['wall_s']} s; default source {best}")
 
 
 def _generic(r: Result) -> str:
@@ -83,7 +83,7 @@ def _generic(r: Result) -> str:
 
 
 RENDERERS: dict[str, tuple[str, Callable[[Result], str]]] = {
-    "cells": ("cell classifiers on frozen embeddings, CoNSeP nuclei", _cells),
+    "classifier": ("cell classifiers on frozen embeddings, CoNSeP nuclei", _classifier),
     "msda": ("compiled op / `grid_sample` reference, float32", _msda),
     "model": ("CellVTA-L (UNI preset), one 256² tile", _model),
     "data": ("training data chain, CoNSeP patches, samples/s", _data),
@@ -193,10 +193,47 @@ def render_metadata(text: str, entries: dict[str, dict[str, Any]]) -> str:
     return json.dumps(meta, indent=4, ensure_ascii=False) + "\n"
 
 
+def classifier_table(entries: dict[str, dict[str, Any]]) -> str:
+    """The cell-classifier benchmark: macro-F1 per source and number of labels, the type branch, the costs."""
+    entry = entries.get("classifier")
+    if entry is None:
+        return "(no recorded run of `bench/classifier.py`)"
+    r = entry["result"]
+    counts = list(r["curve"]["vit"])
+    rows = [f"`{entry.get('command', 'bench/classifier.py')}`: {r['network']}; {r['patches_train']} train / "
+            f"{r['patches_val']} validation patches ({r['cells_train']:,} / {r['cells_val']:,} nuclei, validation "
+            f"nuclei per class {r['val_class_counts']}); {r['seeds']} seeds.", "",
+            "| macro-F1 on validation-tile nuclei, mean ± sd | " + " | ".join(
+                f"{c}/class" if c != "all" else "all" for c in counts) + " |",
+            "|---|" + "---|" * len(counts)]
+    for source, label in (("vit", "head on `vit` embeddings"), ("decoder", "head on `decoder` embeddings"),
+                          ("pixel", "head on 18 pixel features")):
+        pts = r["curve"][source]
+        rows.append(f"| {label} | " + " | ".join(f"{pts[c]['macro_f1']:.3f} ± {pts[c]['macro_f1_sd']:.3f}"
+                                                  for c in counts) + " |")
+    rows.append("| the network's own type branch (no labels) | " + " | ".join(
+        [""] * (len(counts) - 1) + [f"{r['type_branch']['macro_f1']:.3f}"]) + " |")
+    ext, timing, goals = r["extraction"], r["head_training"], r["targets"]
+
+    def yes(flags: dict) -> str:
+        return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
+
+    rows += ["", f"Embedding extraction: {ext['patches']} patches through the whole network, "
+             f"{ext['network_cpu_s_per_patch']} CPU-s per 256² patch ({ext['network_wall_s']} s wall in all; pixel "
+             f"features {ext['pixel_cpu_s_per_patch']} CPU-s). Head training on "
+             f"{timing['vit']['cells']:,} nuclei: " + "; ".join(
+                 f"`{s}` {t['wall_s']} s wall / {t['cpu_s']} CPU-s ({t['epochs']} epochs)" for s, t in timing.items())
+             + f". Targets: all-labels head ≥ type branch: {yes(goals['all_labels_head_ge_type_branch'])}; 50 "
+             f"labels per class within {goals['margin']} of all: {yes(goals['labels_50_within_margin_of_all'])}; "
+             f"head training ≤ {goals['train_s']} s: {yes(goals['head_training_within_s'])}."]
+    return "\n".join(rows)
+
+
 TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {
     "components": components_table,
     "train_consep": train_consep_table,
     "encoders": encoders_table,
+    "classifier": classifier_table,
 }
 
 
