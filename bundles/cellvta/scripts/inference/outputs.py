@@ -72,7 +72,8 @@ class PredictionSaver:
 
 
 class InferenceWriter:
-    """For every image: ``<name>.npz`` (instance and type maps), ``<name>.geojson`` (QuPath detections with
+    """For every image: ``<name>.npz`` (instance and type maps, and ``tissue_probabilities`` (T,) when the
+    prediction holds ``tissue``, see :class:`.tissue.TissueProbabilitiesd`), ``<name>.geojson`` (QuPath detections with
     class and type probability) and ``<name>_overlay.png`` (contours in class colours on the image).
 
     Expects a decollated engine whose output dicts hold ``pred`` = the post-processing dict
@@ -98,7 +99,8 @@ class InferenceWriter:
             name = str(sample["name"])
             pred = out["pred"]
             nuclei = pred["nuclei"]
-            write_maps(self.output_dir / f"{name}.npz", _plane(pred["inst_map"]), _plane(pred["type_map"]))
+            write_maps(self.output_dir / f"{name}.npz", _plane(pred["inst_map"]), _plane(pred["type_map"]),
+                       _as_array(pred["tissue"]) if "tissue" in pred else None)
             write_geojson(self.output_dir / f"{name}.geojson", nuclei, self.class_names)
             if self.overlays:
                 write_png(self.output_dir / f"{name}_overlay.png", overlay(read_image(sample["path"]), nuclei))

@@ -116,7 +116,9 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
             raise OSError(f"could not write {path}")
 
 
-def write_maps(path: Path, inst_map: np.ndarray, type_map: np.ndarray) -> None:
-    """``inst_map`` (int32) and ``type_map`` (uint8) of one image as a compressed ``.npz``."""
+def write_maps(path: Path, inst_map: np.ndarray, type_map: np.ndarray, tissue: np.ndarray | None = None) -> None:
+    """``inst_map`` (int32) and ``type_map`` (uint8) of one image as a compressed ``.npz``, with the (T,) tissue
+    probabilities as ``tissue_probabilities`` (float32) when given."""
+    extra = {} if tissue is None else {"tissue_probabilities": np.asarray(tissue, np.float32)}
     with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, inst_map=inst_map.astype(np.int32), type_map=type_map.astype(np.uint8))
+        np.savez_compressed(tmp, inst_map=inst_map.astype(np.int32), type_map=type_map.astype(np.uint8), **extra)

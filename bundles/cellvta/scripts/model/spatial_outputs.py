@@ -14,13 +14,21 @@ class SpatialOutputs(nn.Module):
     Args:
         network: a module returning a dict of ``(B, C, H, W)`` maps and ``(B, T)`` image-level logits.
         keys: the per-pixel outputs kept.
+        tissue_key: when given and the network has a tissue head (``tissue_types`` logits), the outputs also hold
+            under this key the head's softmax as a ``(B, T, H, W)`` map, constant over the input, so that a sliding
+            window blends the windows' tissue probabilities like any map.
     """
 
-    def __init__(self, network: nn.Module, keys: Sequence[str] = ("nuclei_binary_map", "hv_map", "nuclei_type_map")) -> None:
+    def __init__(self, network: nn.Module, keys: Sequence[str] = ("nuclei_binary_map", "hv_map", "nuclei_type_map"),
+                 tissue_key: str | None = None) -> None:
         super().__init__()
         self.network = network
-        self.keys = tuple(keys)
+        self.keys = tuple(keys) + ((tissue_key,) if tissue_key else ())
+        self.tissue_key = tissue_key
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.network(x)
+        if self.tissue_key is not None and "tissue_types" in out:
+            probabilities = torch.softmax(out["tissue_types"].float(), dim=1)[:, :, None, None]
+            out = {**out, self.tissue_key: probabilities.expand(-1, -1, *x.shape[-2:]).contiguous()}
         return {k: out[k] for k in self.keys if k in out}
