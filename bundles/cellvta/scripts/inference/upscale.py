@@ -31,6 +31,7 @@ from monai.utils import convert_to_numpy
 from ..model.spatial_outputs import SpatialOutputs
 from ..nuclei.postprocess import nuclei_from_instance_map
 from ..nuclei.primitives import relabel_sequential
+from .tissue import TISSUE_MAP_KEY
 
 __all__ = ["ToLabelSized", "UpscaleInferer"]
 
@@ -59,10 +60,11 @@ class UpscaleInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any
                  ) -> dict[str, torch.Tensor]:
-        """``(B, C, H, W)`` normalised tiles -> the network's per-pixel maps at ``(H, W) * scale``."""
+        """``(B, C, H, W)`` normalised tiles -> the network's per-pixel maps at ``(H, W) * scale`` (with the
+        tissue head's probabilities as a map, :mod:`.tissue`)."""
         size = [round(s * self.scale) for s in inputs.shape[-2:]]
         upscaled = F.interpolate(inputs, size=size, mode="bilinear", align_corners=False)
-        return self.window(upscaled, SpatialOutputs(network), *args, **kwargs)
+        return self.window(upscaled, SpatialOutputs(network, tissue_key=TISSUE_MAP_KEY), *args, **kwargs)
 
 
 def _nearest(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

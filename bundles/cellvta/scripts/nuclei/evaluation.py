@@ -35,7 +35,7 @@ from ..files import write_text_atomic
 from .metrics import METRIC_KEYS, ImageScores, evaluate_image, summarize
 
 __all__ = [
-    "load_maps", "load_tissues", "evaluate", "json_ready", "per_image_record", "markdown_report", "write_report", "main"
+    "load_maps", "load_tissues", "evaluate", "json_ready", "per_image_record", "markdown_report", "tissue_classification", "write_report", "main"
 ]
 
 Maps = list[tuple[str, np.ndarray, np.ndarray]]
@@ -306,6 +306,46 @@ def evaluate(
     return json_ready({"config": config, "summary": summary, "per_image": [per_image_record(s) for s in scores]})
 
 
+def tissue_classification(true: Sequence, predicted: Sequence, names: Sequence[str] | None = None) -> dict:
+    """Tissue accuracy and confusion matrix of per-image tissue labels.
+
+    Args:
+        true, predicted: one label per image, in one order: tissue names, or indices into ``names``.
+        names: the tissue classes in order; None: the sorted labels found on either side.
+
+    Returns:
+        ``{"n_images", "accuracy", "classes", "confusion_matrix", "per_class"}``: ``confusion_matrix[i][j]`` counts
+        the images of true class ``classes[i]`` predicted as ``classes[j]``; ``per_class`` gives each class's
+        ``n_images`` (true), ``recall`` and ``precision`` (None when undefined).
+
+    Raises:
+        ValueError: the two lists differ in length, or a label is not one of ``names``.
+    """
+    true, predicted = list(true), list(predicted)
+    if len(true) != len(predicted):
+        raise ValueError(f"{len(true)} true and {len(predicted)} predicted tissue labels")
+    names = [str(n) for n in (sorted({str(t) for t in true + predicted}) if names is None else names)]
+
+    def index(label: object) -> int:
+        if isinstance(label, (int, np.integer)) and 0 <= int(label) < len(names):
+            return int(label)
+        if str(label) not in names:
+            raise ValueError(f"tissue label {label!r} is not one of the tissue classes {names}")
+        return names.index(str(label))
+
+    matrix = np.zeros((len(names), len(names)), np.int64)
+    for t, p in zip(true, predicted):
+        matrix[index(t), index(p)] += 1
+    total = int(matrix.sum())
+    per_class = {}
+    for i, name in enumerate(names):
+        n_true, n_pred = int(matrix[i].sum()), int(matrix[:, i].sum())
+        per_class[name] = {"n_images": n_true, "recall": matrix[i, i] / n_true if n_true else None,
+                           "precision": matrix[i, i] / n_pred if n_pred else None}
+    return {"n_images": total, "accuracy": np.trace(matrix) / total if total else None, "classes": names,
+            "confusion_matrix": matrix.tolist(), "per_class": per_class}
+
+
 def _fmt(value: object) -> str:
     if value is None:
         return "–"
@@ -355,6 +395,16 @@ def markdown_report(result: Mapping[str, object]) -> str:
                 ],
             ),
         ]
+    tissue = summary.get("tissue_classification")
+    if tissue:
+        parts += [
+            "## Tissue classification",
+            f"{tissue['n_images']} images, accuracy {_fmt(tissue['accuracy'])}. Confusion matrix (rows: true tissue, "
+            "columns: predicted):",
+            _table(["true / predicted", *tissue["classes"], "recall"],
+                   [[name, *row, tissue["per_class"][name]["recall"]]
+                    for name, row in zip(tissue["classes"], tissue["confusion_matrix"])]),
+        ]
     return "\n\n".join(parts) + "\n"
 
 
@@ -375,6 +425,7 @@ def main(
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     tissues: str | None = None,
+    pred_tissues: str | None = None,
     pred_keys: str = "inst_map,type_map",
     gt_keys: str = "inst_map,type_map",
     iou_threshold: float = 0.5,
@@ -383,11 +434,20 @@ def main(
     dummy_points: bool = False,
     pair_by_order: bool = False,
 ) -> None:
-    """Command line: evaluate, write ``metrics.json`` and ``metrics.md`` into ``output_dir`` and print the tables."""
+    """Command line: evaluate, write ``metrics.json`` and ``metrics.md`` into ``output_dir`` and print the tables.
+
+    ``pred_tissues``: the predicted tissue of each image (tile inference's ``tissue.csv``, or any source of
+    :func:`load_tissues`), scored against ``tissues`` (:func:`tissue_classification`, classes: the labels found)."""
     result = evaluate(
         pred, gt, num_classes, class_names, tissues, pred_keys, gt_keys, iou_threshold, radius_um, pixel_size_um,
         dummy_points, pair_by_order,
     )
+    if pred_tissues is not None:
+        if tissues is None:
+            raise ValueError("--pred_tissues needs the ground-truth tissues (--tissues) to be scored against")
+        names = [record["name"] for record in result["per_image"]]
+        result["summary"]["tissue_classification"] = json_ready(
+            tissue_classification(load_tissues(tissues, names), load_tissues(pred_tissues, names)))
     json_path, md_path = write_report(result, output_dir)
     print(markdown_report(result))
     print(f"wrote {json_path} and {md_path}")

@@ -24,7 +24,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
-from .evaluation import json_ready, per_image_record, write_report
+from .evaluation import json_ready, per_image_record, tissue_classification, write_report
 from .metrics import METRIC_KEYS, ImageScores, evaluate_image, summarize
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "MultiPQ",
     "MultiPQPlus",
     "AJI",
+    "TissueAccuracy",
     "NucleiMetricsSaver",
 ]
 
@@ -240,6 +241,57 @@ class AJI(NucleiMetric):
         super().__init__(metric_name="aji", **kwargs)
 
 
+class TissueAccuracy(Metric):
+    """Accuracy of the tissue head over a dataset; ``summary`` holds
+    :func:`.evaluation.tissue_classification`'s confusion matrix and per-class scores.
+
+    Input: the decollated evaluator output, each sample's ``pred[prediction_key]`` the image's (T,) tissue
+    probabilities (:class:`scripts.inference.tissue.TissueProbabilitiesd`) and ``label[label_key]`` its tissue
+    index. Samples without a prediction (a network without a tissue head) are left out; with none at all the
+    accuracy is NaN and ``summary`` empty.
+
+    Args:
+        tissue_names: the tissue classes, in the head's order.
+        pred_key, prediction_key: where the probabilities are.
+        label_key: the key of the tissue index in each sample's ``label``.
+        device: ignite's metric device.
+    """
+
+    def __init__(self, tissue_names: Sequence[str], pred_key: str = "pred", prediction_key: str = "tissue",
+                 label_key: str = "tissue_types", device: str | torch.device = "cpu") -> None:
+        self.tissue_names = [str(t) for t in tissue_names]
+        self.pred_key, self.prediction_key, self.label_key = pred_key, prediction_key, label_key
+        self.summary: dict[str, Any] = {}
+        self._pairs: list[tuple[int, int]] = []
+        super().__init__(output_transform=lambda output: output, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._pairs = []
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[Mapping]) -> None:
+        for sample in output:
+            probabilities = sample[self.pred_key].get(self.prediction_key)
+            if probabilities is None:
+                continue
+            probabilities = _numpy(probabilities)
+            if probabilities.shape != (len(self.tissue_names),):
+                raise ValueError(f"{probabilities.shape} tissue probabilities for the {len(self.tissue_names)} "
+                                 f"tissue classes {self.tissue_names}")
+            self._pairs.append((int(_numpy(sample["label"][self.label_key]).item()), int(np.argmax(probabilities))))
+
+    def compute(self) -> float:
+        pairs = self._pairs
+        if idist.get_world_size() > 1:
+            pairs = [p for part in idist.all_gather(self._pairs) for p in part]
+        if not pairs:
+            self.summary = {}
+            return float("nan")
+        self.summary = tissue_classification([t for t, _ in pairs], [p for _, p in pairs], self.tissue_names)
+        return float(self.summary["accuracy"])
+
+
 class NucleiMetricsSaver:
     """Handler: after each evaluation run, write a metric's full summary as JSON and Markdown tables.
 
@@ -247,10 +299,14 @@ class NucleiMetricsSaver:
         metric: the :class:`NucleiMetric` attached to the same engine.
         output_dir: folder for ``<stem>.json`` and ``<stem>.md``.
         stem: file name stem.
+        tissue_metric: a :class:`TissueAccuracy` attached to the same engine, whose confusion matrix joins the
+            summary as ``tissue_classification``.
     """
 
-    def __init__(self, metric: NucleiMetric, output_dir: str | Path, stem: str = "metrics") -> None:
+    def __init__(self, metric: NucleiMetric, output_dir: str | Path, stem: str = "metrics",
+                 tissue_metric: TissueAccuracy | None = None) -> None:
         self.metric = metric
+        self.tissue_metric = tissue_metric
         self.output_dir = Path(output_dir)
         self.stem = stem
 
@@ -262,6 +318,8 @@ class NucleiMetricsSaver:
             return
         summary = dict(self.metric.summary)
         per_image = summary.pop("per_image", [])
+        if self.tissue_metric is not None and self.tissue_metric.summary:
+            summary["tissue_classification"] = self.tissue_metric.summary
         config = {"metric": self.metric.metric_name, "num_classes": self.metric.num_classes,
                   "class_names": self.metric.class_names, "detection_radius_px": self.metric.radius_px}
         write_report(json_ready({"config": config, "summary": summary, "per_image": per_image}), self.output_dir, self.stem)
