@@ -206,8 +206,11 @@ def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained,
     assert len(features) == len(rows) - 1 == summary["cells"]
     embeddings = np.load(out / "synthetic_slide.tif_embeddings.npy")
     ids = np.load(out / "synthetic_slide.tif_embedding_ids.npy")
-    assert embeddings.shape == (summary["cells"], 192) and ids.tolist() == list(range(1, summary["cells"] + 1))
-    assert np.isfinite(embeddings).all()
+    assert embeddings.shape == (summary["cells"], 64) and ids.tolist() == list(range(1, summary["cells"] + 1))
+    assert np.isfinite(embeddings).all() and summary["embedding_source"] == "decoder"  # the type branch's map
+    tissue = summary["tissue"]  # the network's tissue head, one map pixel per tile
+    assert tissue["tiles"] == 16 and sum(tissue["fractions"].values()) == pytest.approx(1.0)
+    assert cv2.imread(str(out / "synthetic_slide.tif_tissue.png")).shape == (4, 4, 3)
     assert cv2.imread(str(out / "synthetic_slide.tif_overlay.png")).shape == (192, 192, 3)
 
 

@@ -26,8 +26,8 @@ class CellTable:
         area: (N,) int32 pixels.
         contour_xy: (M, 2) int32 ``(x, y)`` outer-contour vertices of all nuclei, one after the other.
         contour_start: (N + 1,) int64 nucleus ``i``'s vertices are ``contour_xy[contour_start[i]:contour_start[i+1]]``.
-        embedding: (N, D) float32 mean of the network's 1/16 bottleneck map under the nucleus' box (D = 0 when not
-            requested).
+        embedding: (N, D) float32 the embedding source's map pooled over the nucleus
+            (:func:`.tile_cells.pool_features`; D = 0 when not requested).
     """
 
     tile: np.ndarray
@@ -96,10 +96,11 @@ class CellTable:
             embedding=np.concatenate([t.embedding for t in tables]),
         )
 
-    def save(self, path: Path) -> None:
-        """Write as an uncompressed ``.npz``, atomically."""
+    def save(self, path: Path, **extra: np.ndarray) -> None:
+        """Write as an uncompressed ``.npz``, atomically, with the ``extra`` arrays beside the table's (read them
+        with ``np.load``; :meth:`load` ignores them)."""
         with atomic_path(path) as tmp:
-            np.savez(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
+            np.savez(tmp, **extra, **{f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def load(cls, path: Path) -> CellTable:

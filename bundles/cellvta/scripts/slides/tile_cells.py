@@ -13,7 +13,7 @@ from .cell_table import CellTable
 from ..nuclei.postprocess import hovernet_postprocess, nuclei_from_instance_map
 from .tiling import TileGrid
 
-__all__ = ["PredictedMaps", "TileMaps", "tile_cells"]
+__all__ = ["PredictedMaps", "TileMaps", "pool_features", "tile_cells"]
 
 
 @dataclass
@@ -26,7 +26,8 @@ class TileMaps:
         hv_map: (2, T, T) float32 horizontal and vertical maps.
         type_map: (T, T) uint8 per-pixel class (argmax of the type branch, 0 background), or None.
         num_classes: number of classes of the type branch, background included.
-        features: (D, T/16, T/16) float32 bottleneck map for embeddings, or None.
+        features: (D, T/s, T/s) feature map for embeddings (``s`` = 16 for ``vit``, 1 for ``decoder``,
+            :mod:`scripts.cells.embeddings`), or None.
         inst_map: (T, T) int32 instances 1..N already segmented (post-processing skipped), or None.
     """
 
@@ -48,9 +49,11 @@ class PredictedMaps:
         nuclei_prob: (B, T, T) float32 probability of the nucleus class.
         hv_map: (B, 2, T, T) float32.
         type_map: (B, T, T) uint8 per-pixel class, 0 background.
-        features: (B, D, T/16, T/16) float32 bottleneck map (the adapter's fused map for CellVTA), or None.
+        features: (B, D, T/s, T/s) embedding source map (``vit``: the ViT's last-block tokens, s = 16;
+            ``decoder``: the decoder's last feature map, s = 1, sent as float16), or None.
         inst_map: (B, T, T) int32 instances (1..N per tile) when the predictor segments them itself
             (post-processing is then skipped), or None.
+        tissue: (B, K) float32 softmax of the tissue head per tile, or None (no tissue head).
     """
 
     nuclei_prob: np.ndarray
@@ -58,16 +61,39 @@ class PredictedMaps:
     type_map: np.ndarray
     features: np.ndarray | None = None
     inst_map: np.ndarray | None = None
+    tissue: np.ndarray | None = None
 
 
-def _embeddings(features: np.ndarray, boxes: np.ndarray, tile_size: int) -> np.ndarray:
-    """(N, D) mean token over each box (tile pixels ``[y0, x0, y1, x1]``), the box scaled to the token grid
-    with floor for its start and ceiling for its stop."""
-    cell = tile_size / features.shape[-1]
-    start = np.floor(boxes[:, :2] / cell).astype(int)
-    stop = np.maximum(np.ceil(boxes[:, 2:] / cell).astype(int), start + 1)
-    return np.stack([features[:, a:c, b:d].mean(axis=(1, 2)) for (a, b), (c, d) in zip(start, stop)]
-                    ) if len(boxes) else np.zeros((0, features.shape[0]), np.float32)
+def pool_features(features: np.ndarray, inst_map: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mean feature of each nucleus: the numpy twin of :func:`scripts.cells.embeddings.pool_cells` (the
+    post-processing workers do not import torch).
+
+    Args:
+        features: (D, h, w) map at ``1/s`` of the instance map's resolution (``s = T / h = T / w``, integer).
+        inst_map: (T, T) integer instance ids, 0 background.
+        ids: (N,) instance ids to pool, each present in ``inst_map``.
+
+    Returns:
+        (N, D) float32: ``sum_t n_t f_t / sum_t n_t`` where ``n_t`` counts the nucleus' pixels inside cell ``t``
+        of the feature grid.
+    """
+    d, h, w = features.shape
+    height, width = inst_map.shape
+    if height % h or width % w or height // h != width // w:
+        raise ValueError(f"feature map {h}x{w} is not an integer fraction of the instance map {height}x{width}")
+    if not len(ids):
+        return np.zeros((0, d), np.float32)
+    s = height // h
+    lookup = np.full(int(inst_map.max()) + 1, -1, dtype=np.int64)
+    lookup[ids] = np.arange(len(ids))
+    rows = lookup[inst_map]
+    ys, xs = np.nonzero(rows >= 0)
+    pairs, counts = np.unique(rows[ys, xs] * (h * w) + (ys // s) * w + xs // s, return_counts=True)
+    cell, token = np.divmod(pairs, h * w)
+    weighted = features.reshape(d, h * w)[:, token].T.astype(np.float64) * counts[:, None]
+    first = np.searchsorted(cell, np.arange(len(ids)))
+    sums = np.add.reduceat(weighted, first, axis=0)
+    return (sums / np.add.reduceat(counts, first)[:, None]).astype(np.float32)
 
 
 def tile_cells(maps: TileMaps, grid: TileGrid, magnification: int = 40) -> CellTable:
@@ -114,5 +140,5 @@ def tile_cells(maps: TileMaps, grid: TileGrid, magnification: int = 40) -> CellT
         contour_xy=(np.concatenate(contours) + offset if contours else np.zeros((0, 2), np.int32)).astype(np.int32),
         contour_start=np.concatenate([[0], np.cumsum(lengths)]),
         embedding=(np.zeros((index.size, 0), np.float32) if maps.features is None
-                   else _embeddings(maps.features, boxes[index], grid.size).astype(np.float32)),
+                   else pool_features(maps.features, inst_map, nuclei.ids[index])),
     )

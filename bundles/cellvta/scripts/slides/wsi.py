@@ -15,13 +15,20 @@ For each slide:
    ``<slide>`` is the slide's full file name (``case.1.tif`` -> ``case.1.tif.geojson``; a DICOM series folder:
    the folder's name); a cohort holding two slides of the same file name is refused before any work:
 
-   * ``<slide>.geojson``: QuPath detections (class name and colour, measurements);
+   * ``<slide>.geojson``: QuPath detections (class name and colour, measurements); with a cell classifier
+     (:class:`.predictors.SlideClassifier`) each nucleus's class and probability are the classifier's (softmax
+     over its classes, applied to the nucleus's embedding) and the names and colours are its own;
    * ``<slide>.csv``: ``id, x, y`` (level-0 pixels), ``x_um, y_um``, ``type_id, type, probability, area_um2``;
    * ``<slide>.parquet``: the same columns plus ``perimeter_um, solidity, eccentricity`` (and ``embedding`` when
      requested), a columnar table (:class:`.outputs.ParquetStream`);
-   * ``<slide>_embeddings.npy`` and ``<slide>_embedding_ids.npy`` (optional): per nucleus the mean of the
-     network's 1/16 bottleneck map (``features``) under its box;
+   * ``<slide>_embeddings.npy`` and ``<slide>_embedding_ids.npy`` (optional): per nucleus its embedding, the
+     ``embedding_source`` map (``vit``: the ViT's last-block tokens after its final norm, weighted by the nucleus'
+     pixels in each token; ``decoder``: the type branch's last feature map averaged over the nucleus) of the tile
+     that kept it, as :mod:`scripts.cells.embeddings` computes it on an image;
    * ``<slide>_overlay.png``: the thumbnail with every nucleus as a dot in its class colour;
+   * ``<slide>_tissue.png`` (networks with a tissue head): one pixel per tile, the tile's predicted tissue class
+     (:mod:`.tissue_map`), with the fraction of analysed tiles and the mean probability of each class in
+     ``<slide>.json`` (``tissue``);
    * ``<slide>.json``: the slide, the analysis settings, counts per class, written last (a slide with this file,
      the same settings and all its outputs is skipped when a cohort is run again; any other summary is deleted
      before new outputs are published).
@@ -43,6 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -59,13 +67,26 @@ from .regions import Region, find_region, read_region
 from .tile_cells import PredictedMaps, TileMaps, tile_cells
 from .tiling import TileGrid
 from .tissue import pen_mask, tissue_mask
+from .tissue_map import tissue_map, tissue_summary
 from .workers import postprocess_pool
-from ..inference.writers import PALETTE, class_color, class_name, closed_rings
+from ..inference.writers import class_color, class_name, closed_rings
 
 __all__ = ["SLIDE_SUFFIXES", "SlideGeometry", "WSISettings", "list_slides", "run_cohort", "run_slide", "slide_geometry",
            "weights_id"]
 
 Predictor = Callable[[np.ndarray, np.ndarray], PredictedMaps]
+
+
+class Classifier(Protocol):
+    """A cell classifier on embeddings (:class:`.predictors.SlideClassifier`): ``(N, D)`` -> ``(N, K)`` softmax,
+    with ``names`` and ``colours`` (background first), ``path`` and ``digest`` (the file's SHA-256)."""
+
+    names: Sequence[str]
+    colours: Sequence[tuple[int, int, int]]
+    path: Path
+    digest: str
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray: ...
 
 
 SETTINGS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "wsi_inference.yaml"
@@ -102,6 +123,9 @@ class WSISettings:
         min_saturation, min_tissue_fraction: tissue detection (see :func:`.tissue.tissue_mask`).
         chunk_tiles: tiles per saved part (the unit of resumption).
         embeddings: write per-nucleus embeddings.
+        embedding_source, embedding_branch: what an embedding is, ``vit`` or ``decoder`` (the last feature map of
+            the decoder branch ``embedding_branch``), see :mod:`scripts.cells.embeddings`; the predictor's (and a
+            classifier's) source.
         exclude_pen_marks: leave pen marks out of the analysis (see :func:`.tissue.pen_mask`).
         pen_hue_min, pen_hue_max, pen_min_saturation, pen_max_black_value: what counts as ink.
         stain_normalization: re-render tiles in target H&E stains (Macenko, :mod:`scripts.data.stain`) fitted once
@@ -126,6 +150,8 @@ class WSISettings:
     min_tissue_fraction: float = _DEFAULTS["min_tissue_fraction"]
     chunk_tiles: int = _DEFAULTS["chunk_tiles"]
     embeddings: bool = _DEFAULTS["embeddings"]
+    embedding_source: str = _DEFAULTS["embedding_source"]
+    embedding_branch: str = _DEFAULTS["embedding_branch"]
     exclude_pen_marks: bool = _DEFAULTS["exclude_pen_marks"]
     pen_hue_min: int = _DEFAULTS["pen_hue_min"]
     pen_hue_max: int = _DEFAULTS["pen_hue_max"]
@@ -196,18 +222,23 @@ def weights_id(path: str | Path) -> str:
 
 
 def _fingerprint(slide: Slide, geometry: SlideGeometry, settings: WSISettings, predictor_id: str,
-                 region: Region | None) -> str:
+                 region: Region | None, classifier: Classifier | None) -> str:
     stats = [p.stat() for p in slide.files]  # a DICOM series: every file of it
     keys = {k: v for k, v in asdict(settings).items() if k not in {"batch_size", "postprocess_workers", "read_threads"}}
     ident = {"slide": str(slide.path.resolve()), "size": sum(s.st_size for s in stats),
              "mtime_ns": max(s.st_mtime_ns for s in stats),
              "geometry": asdict(geometry), "settings": keys, "predictor": predictor_id,
-             "roi": None if region is None else hashlib.sha256(region.source.read_bytes()).hexdigest()}
+             "roi": None if region is None else hashlib.sha256(region.source.read_bytes()).hexdigest(),
+             "classifier": None if classifier is None else classifier.digest}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _Parts:
-    """The part files of one slide's run: ``<output>/.<slide>.parts/part_<k>.npz`` plus the run's fingerprint."""
+    """The part files of one slide's run: ``<output>/.<slide>.parts/part_<k>.npz`` plus the run's fingerprint.
+
+    A part holds the nuclei of its tiles (:class:`.cell_table.CellTable`), its tiles ``tissue_tiles`` (M, 2)
+    ``(row, col)`` and their tissue softmax ``tissue`` (M, K) (K = 0 without a tissue head).
+    """
 
     def __init__(self, folder: Path, fingerprint: str) -> None:
         self.folder = folder
@@ -222,6 +253,15 @@ class _Parts:
 
     def done(self, k: int) -> bool:
         return self.path(k).is_file()
+
+    def save(self, k: int, table: CellTable, tiles: np.ndarray, tissue: np.ndarray) -> None:
+        table.save(self.path(k), tissue_tiles=tiles, tissue=tissue)
+
+    def load(self, k: int) -> tuple[CellTable, np.ndarray, np.ndarray]:
+        """Part ``k``'s nuclei, tiles and tissue softmax."""
+        table = CellTable.load(self.path(k))
+        with np.load(self.path(k)) as data:
+            return table, data["tissue_tiles"], data["tissue"]
 
 
 def _chunks(tiles: np.ndarray, size: int) -> list[np.ndarray]:
@@ -251,15 +291,18 @@ def _tile_batches(slide: Slide, geometry: SlideGeometry, grid: TileGrid, tiles: 
 
 def _predict_parts(slide: Slide, geometry: SlideGeometry, grid: TileGrid, todo: list[tuple[int, np.ndarray]],
                    parts: _Parts, predictor: Predictor, settings: WSISettings, pool: Executor | None,
-                   progress: tqdm, stain: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                   progress: tqdm, stain: Callable[[np.ndarray], np.ndarray] | None = None,
+                   classifier: Classifier | None = None) -> None:
     """Run the predictor (on tiles re-stained by ``stain`` when given) and post-processing over the tiles of the
-    parts in ``todo`` and save each part."""
+    parts in ``todo``, type the nuclei with ``classifier`` when given (:func:`_classified`) and save each part."""
     if not todo:
         return
     tiles = np.concatenate([t for _, t in todo])
     owners = np.concatenate([np.full(len(t), k) for k, t in todo])
+    part_tiles = dict(todo)
     remaining = {k: len(t) for k, t in todo}
     collected: dict[int, list[CellTable]] = {k: [] for k, _ in todo}
+    tissue: dict[int, list[np.ndarray]] = {k: [] for k, _ in todo}
     in_flight: deque[tuple[int, Future | CellTable]] = deque()
     limit = max(2 * settings.batch_size, 4 * max(settings.postprocess_workers, 1))
     found = 0
@@ -275,7 +318,8 @@ def _predict_parts(slide: Slide, geometry: SlideGeometry, grid: TileGrid, todo: 
             progress.set_postfix(nuclei=found, refresh=False)
             progress.update(1)
             if remaining[k] == 0:
-                CellTable.concat(collected.pop(k)).save(parts.path(k))
+                table = _classified(CellTable.concat(collected.pop(k)), classifier, settings.embeddings)
+                parts.save(k, table, part_tiles[k], np.stack(tissue.pop(k)))
 
     index = 0
     with ThreadPoolExecutor(settings.read_threads) as readers:
@@ -283,16 +327,31 @@ def _predict_parts(slide: Slide, geometry: SlideGeometry, grid: TileGrid, todo: 
             if stain is not None:
                 images = np.stack([stain(image) for image in images])
             maps = predictor(images, origins)
+            probs = np.zeros((len(batch), 0), np.float32) if maps.tissue is None else maps.tissue.astype(np.float32)
             for i, (row, col) in enumerate(batch.tolist()):
                 job = TileMaps(row, col, maps.nuclei_prob[i], maps.hv_map[i], maps.type_map[i],
                                predictor.num_classes, None if maps.features is None else maps.features[i],
                                None if maps.inst_map is None else maps.inst_map[i])
                 k = int(owners[index])
                 index += 1
+                tissue[k].append(probs[i])
                 in_flight.append((k, pool.submit(tile_cells, job, grid, settings.magnification) if pool
                                   else tile_cells(job, grid, settings.magnification)))
             drain(limit)
     drain(0)
+
+
+def _classified(table: CellTable, classifier: Classifier | None, keep_embedding: bool) -> CellTable:
+    """The nuclei typed by ``classifier`` (type id ``k + 1`` for its class ``k``, probability its softmax), their
+    embeddings dropped unless ``keep_embedding``."""
+    if classifier is not None:
+        if table.embedding.shape[1] == 0:
+            raise ValueError("the predictor gives no embeddings for the cell classifier "
+                             f"{classifier.path} (NetworkPredictor(classifier=...) computes them)")
+        probs = classifier(table.embedding)
+        table = replace(table, type=(probs.argmax(axis=1) + 1).astype(np.int16),
+                        probability=probs.max(axis=1, initial=0.0).astype(np.float32))
+    return table if keep_embedding else replace(table, embedding=table.embedding[:, :0])
 
 
 def _csv_rows(table: CellTable, ids: np.ndarray, geometry: SlideGeometry, class_names: Sequence[str]) -> list[list]:
@@ -338,6 +397,7 @@ class _EmbeddingStream:
 
 OUTPUTS = (".geojson", ".csv", ".parquet", "_overlay.png", "_mask.png")
 EMBEDDING_OUTPUTS = ("_embeddings.npy", "_embedding_ids.npy")
+TISSUE_OUTPUT = "_tissue.png"
 
 
 @dataclass
@@ -363,35 +423,49 @@ def _inside(table: CellTable, geometry: SlideGeometry, region: Region | None, th
     return keep
 
 
-def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry: SlideGeometry,
-              thumbnail: _Thumbnail, class_names: Sequence[str], embeddings: bool, region: Region | None,
-              timings: dict[str, float]) -> np.ndarray:
+def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry: SlideGeometry, grid: TileGrid,
+              thumbnail: _Thumbnail, class_names: Sequence[str], colours: np.ndarray, tissue_names: Sequence[str],
+              embeddings: bool, region: Region | None, timings: dict[str, float]) -> tuple[np.ndarray, dict | None]:
     """Stream the parts into the outputs, published together when all are complete; return the nuclei count per
-    class id (``timings``: see :func:`_stream`)."""
+    class id and the tissue summary (:func:`.tissue_map.tissue_summary` with the map's name and ``tile_stride``,
+    level-0 pixels per map pixel; None without a tissue head) (``timings``: see :func:`_stream`)."""
     total = 0
     dim = 0
+    tiles, tissue = [np.zeros((0, 2), np.int64)], [np.zeros((0, 0), np.float32)]
     for k in range(n_parts):
-        table = CellTable.load(parts.path(k))
+        table, part_tiles, part_tissue = parts.load(k)
         total += int(_inside(table, geometry, region, thumbnail).sum())
         dim = table.embedding.shape[1] if embeddings else 0
-    with SlideOutputs(output_dir, name, OUTPUTS + (EMBEDDING_OUTPUTS if embeddings else ())) as tmp:
+        tiles.append(part_tiles)
+        tissue.append(part_tissue)
+    probabilities = np.concatenate(tissue[1:]) if n_parts else tissue[0]
+    suffixes = OUTPUTS + (EMBEDDING_OUTPUTS if embeddings else ()) + ((TISSUE_OUTPUT,) if probabilities.shape[1] else ())
+    with SlideOutputs(output_dir, name, suffixes) as tmp:
         if not cv2.imwrite(str(tmp["_mask.png"]), thumbnail.analysed.astype(np.uint8) * 255):
             raise OSError(f"could not write {tmp['_mask.png']}")
-        return _stream(parts, n_parts, tmp, total, dim, geometry, thumbnail, class_names, embeddings, region,
-                       timings)
+        summary = None
+        if TISSUE_OUTPUT in tmp:
+            image = tissue_map(np.concatenate(tiles), probabilities, grid.shape)
+            if not cv2.imwrite(str(tmp[TISSUE_OUTPUT]), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+                raise OSError(f"could not write {tmp[TISSUE_OUTPUT]}")
+            summary = {"map": f"{name}{TISSUE_OUTPUT}", "tile_stride": grid.stride * geometry.scale,
+                       **tissue_summary(probabilities, tissue_names)}
+        counts = _stream(parts, n_parts, tmp, total, dim, geometry, thumbnail, class_names, colours, embeddings,
+                         region, timings)
+    return counts, summary
 
 
 def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: int, geometry: SlideGeometry,
-            thumbnail: _Thumbnail, class_names: Sequence[str], embeddings: bool, region: Region | None,
-            timings: dict[str, float]) -> np.ndarray:
-    """Write the parts into the temporaries ``tmp`` (by output suffix); return the nuclei count per class id and
+            thumbnail: _Thumbnail, class_names: Sequence[str], colours: np.ndarray, embeddings: bool,
+            region: Region | None, timings: dict[str, float]) -> np.ndarray:
+    """Write the parts into the temporaries ``tmp`` (by output suffix), each class id in its name and (C, 3) RGB
+    colour; return the nuclei count per class id and
     add the seconds spent formatting and writing each table format to ``timings`` (the polygons, shared by
     GeoJSON and Parquet, count for GeoJSON)."""
     geojson = GeoJSONStream(tmp[".geojson"])
     table_csv = CSVStream(tmp[".csv"], ["id", "x", "y", "x_um", "y_um", "type_id", "type", "probability", "area_um2"])
     cells = ParquetStream(tmp[".parquet"], dim if embeddings else 0)
     vectors = _EmbeddingStream(tmp[EMBEDDING_OUTPUTS[0]], tmp[EMBEDDING_OUTPUTS[1]], total, dim) if embeddings else None
-    colours = np.array([class_color(t) for t in range(len(class_names))], dtype=np.uint8)
     counts = np.zeros(len(class_names), dtype=np.int64)
     overlay = thumbnail.image.copy()
     next_id = 1
@@ -405,8 +479,7 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
             t0 = clock()
             rings = closed_rings(table.contour_xy, table.contour_start, geometry.scale)
             area = table.area * (geometry.scale * geometry.mpp) ** 2
-            geojson.write(geojson_features(rings, ids, table.type, table.probability, area, class_names,
-                                           np.array(PALETTE)))
+            geojson.write(geojson_features(rings, ids, table.type, table.probability, area, class_names, colours))
             t1 = clock()
             table_csv.write(_csv_rows(table, ids, geometry, class_names))
             t2 = clock()
@@ -439,20 +512,24 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
 
 def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predictor, class_names: Sequence[str],
               settings: WSISettings = WSISettings(), predictor_id: str = "", pool: Executor | None = None,
-              position: int = 0, roi: str | Path | None = None) -> dict:
+              position: int = 0, roi: str | Path | None = None, classifier: Classifier | None = None,
+              tissue_names: Sequence[str] = ()) -> dict:
     """Analyse one slide (see the module docstring) and return its summary (also written as ``<slide>.json``).
 
     Args:
         slide_path: the slide.
         output_dir: where the outputs go (created).
         predictor: tiles -> maps (:mod:`.predictors`).
-        class_names: class names, background first.
+        class_names: class names of the predictor's type branch, background first.
         settings: analysis settings.
         predictor_id: identifies the predictor's weights, so resuming with other weights starts over.
         pool: post-processing workers (None: post-process in this process).
         position: line of the progress bar.
         roi: a region file (:mod:`.regions`): only tiles meeting it are analysed and only nuclei whose centroid
             lies in it are kept (None: the whole slide).
+        classifier: types every nucleus from its embedding, with its own class names and colours (None: the
+            predictor's types, ``class_names``).
+        tissue_names: names of the tissue head's classes (``tissue_<k>`` beyond them).
 
     Raises:
         SlideError: the slide cannot be read or has no resolution.
@@ -467,7 +544,7 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
     with open_slide(slide_path, settings.backend) as slide:
         geometry = slide_geometry(slide, settings)
         region = None if roi is None else read_region(roi, *slide.dimensions)
-        fingerprint = _fingerprint(slide, geometry, settings, predictor_id, region)
+        fingerprint = _fingerprint(slide, geometry, settings, predictor_id, region, classifier)
         previous = _finished(summary_path, fingerprint)
         if previous is not None:
             shutil.rmtree(parts_folder, ignore_errors=True)  # left by a run killed after publishing its summary
@@ -497,22 +574,31 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
                         desc=slide_path.name, position=position, dynamic_ncols=True, mininterval=1.0)
         stain = _stain_normalizer(settings, thumbnail[mask]) if settings.stain_normalization and todo else None
         with progress:
-            _predict_parts(slide, geometry, grid, todo, parts, predictor, settings, pool, progress, stain)
+            _predict_parts(slide, geometry, grid, todo, parts, predictor, settings, pool, progress, stain, classifier)
         view = _Thumbnail(thumbnail, thumb_scale, analysed, ink)
         timings: dict[str, float] = {}
-        counts = _assemble(parts, len(chunks), output_dir, name, geometry, view, class_names, settings.embeddings,
-                           region, timings)
+        if classifier is not None:
+            class_names = list(classifier.names)
+        colours = np.array(classifier.colours if classifier is not None else
+                           [class_color(t) for t in range(len(class_names))], dtype=np.uint8).reshape(-1, 3)
+        counts, tissue = _assemble(parts, len(chunks), output_dir, name, geometry, grid, view, class_names, colours,
+                                   tissue_names, settings.embeddings, region, timings)
         width, height = slide.dimensions
     summary = {
         "slide": str(slide_path), "width": width, "height": height, "mpp": geometry.mpp,
         "analysed_mpp": geometry.mpp * geometry.scale, "level": geometry.level, "scale": geometry.scale,
         "tiles": int(len(tiles)), "tiles_total": int(np.prod(grid.shape)), "cells": int(counts.sum()),
         "cells_per_class": {class_name(class_names, i): int(c) for i, c in enumerate(counts) if i > 0},
+        "class_colours": {class_name(class_names, i): c.tolist() for i, c in enumerate(colours) if i > 0},
+        "classifier": None if classifier is None else str(classifier.path),
+        "embedding_source": settings.embedding_source if settings.embeddings or classifier is not None else None,
+        "tissue": tissue,
         "settings": asdict(settings), "predictor": predictor_id, "fingerprint": fingerprint,
         "roi": None if region is None else str(region.source),
         "seconds": round(time.perf_counter() - started, 2),
         "write_seconds": {suffix.lstrip("."): round(t, 2) for suffix, t in timings.items()},
-        "outputs": [f"{name}{suffix}" for suffix in OUTPUTS + (EMBEDDING_OUTPUTS if settings.embeddings else ())],
+        "outputs": [f"{name}{suffix}" for suffix in OUTPUTS + (EMBEDDING_OUTPUTS if settings.embeddings else ())
+                    + ((TISSUE_OUTPUT,) if tissue is not None else ())],
     }
     write_text_atomic(summary_path, json.dumps(summary, indent=1))
     shutil.rmtree(parts.folder)
@@ -565,14 +651,16 @@ def _finished(summary_path: Path, fingerprint: str) -> dict | None:
 
 def run_cohort(inputs: str | Path | Sequence[str | Path], output_dir: str | Path, predictor: Predictor,
                class_names: Sequence[str], settings: WSISettings = WSISettings(), predictor_id: str = "",
-               rank: int | None = None, world_size: int | None = None, roi: str | Path | None = None) -> list[dict]:
+               rank: int | None = None, world_size: int | None = None, roi: str | Path | None = None,
+               classifier: Classifier | None = None, tissue_names: Sequence[str] = ()) -> list[dict]:
     """Analyse every slide of ``inputs`` (:func:`.cohort.list_slides`: a slide, folder, ``.txt`` or ``.csv`` list);
     this process takes every ``world_size``-th slide from ``rank`` (default: torchrun's ``RANK``/``WORLD_SIZE``,
     else all).
 
     A slide's own ``mpp`` and ``roi`` (CSV columns) take precedence over ``settings.mpp`` and ``roi`` (a region
     file for every slide, or a folder of them named after the slides, :func:`.regions.find_region`).
-    Slides that fail are reported together at the end; the others are still analysed.
+    Slides that fail are reported together at the end; the others are still analysed. ``classifier`` and
+    ``tissue_names``: see :func:`run_slide`.
 
     Raises:
         ValueError: before any work, when two slides would write the same outputs (equal file names).
@@ -592,7 +680,8 @@ def run_cohort(inputs: str | Path | Sequence[str | Path], output_dir: str | Path
                 region = entry.roi if entry.roi is not None or roi is None else find_region(roi, path)
                 slide_settings = settings if entry.mpp is None else replace(settings, mpp=entry.mpp)
                 summaries.append(run_slide(path, output_dir, predictor, class_names, slide_settings, predictor_id,
-                                           pool, position=rank, roi=region))
+                                           pool, position=rank, roi=region, classifier=classifier,
+                                           tissue_names=tissue_names))
             except (SlideError, OSError, ValueError) as err:
                 failures.append(f"{path}: {err}" if str(path) not in str(err) else str(err))
     finally:
