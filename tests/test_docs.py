@@ -42,6 +42,26 @@ def test_render_replaces_only_the_marked_block():
     assert tables.render(out, entries) == out
 
 
+def test_classifier_table_quotes_every_amount_of_labels_and_the_targets():
+    pts = {str(c): {"macro_f1": f, "macro_f1_sd": 0.01} for c, f in (("5", 0.4), ("50", 0.62), ("all", 0.66))}
+    result = {"network": "cellvta_vit_s trained", "patches_train": 3, "patches_val": 2, "cells_train": 1200,
+              "cells_val": 300, "val_class_counts": [1, 2, 3, 4], "seeds": 3,
+              "curve": {"vit": pts, "decoder": pts, "pixel": pts}, "type_branch": {"macro_f1": 0.5},
+              "extraction": {"patches": 5, "network_cpu_s_per_patch": 3.8, "network_wall_s": 40.0,
+                             "pixel_cpu_s_per_patch": 0.03},
+              "head_training": {s: {"cells": 20000, "wall_s": 70.5, "cpu_s": 30.1, "epochs": 90}
+                                for s in ("vit", "decoder")},
+              "targets": {"all_labels_head_ge_type_branch": {"vit": True, "decoder": True},
+                          "labels_50_within_margin_of_all": {"vit": True, "decoder": False},
+                          "head_training_within_s": {"vit": False, "decoder": False}, "margin": 0.05, "train_s": 60}}
+    table = tables.classifier_table({"classifier": {"command": "python bench/classifier.py", "result": result}})
+    assert "| macro-F1 on validation-tile nuclei, mean ± sd | 5/class | 50/class | all |" in table
+    assert "| head on `decoder` embeddings | 0.400 ± 0.010 | 0.620 ± 0.010 | 0.660 ± 0.010 |" in table
+    assert "| the network's own type branch (no labels) |  |  | 0.500 |" in table
+    assert "within 0.05 of all: vit yes, decoder no; head training ≤ 60 s: vit no, decoder no." in table
+    assert "(1,200 / 300 nuclei" in table
+
+
 @pytest.mark.parametrize("needle", ["cellvta_reference", "BENCH_TABLE"])
 def test_the_repository_cites_no_outside_document_and_has_no_placeholder(needle):
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
