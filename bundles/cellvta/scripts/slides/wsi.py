@@ -66,7 +66,7 @@ from .readers import Slide, SlideError, open_slide
 from .regions import Region, find_region, read_region
 from .tile_cells import PredictedMaps, TileMaps, tile_cells
 from .tiling import TileGrid
-from .tissue import pen_mask, tissue_mask
+from .tissue import focus_measure, pen_mask, tissue_mask
 from .tissue_map import tissue_map, tissue_summary
 from .workers import postprocess_pool
 from ..inference.writers import class_color, class_name, closed_rings
@@ -128,6 +128,8 @@ class WSISettings:
             classifier's) source.
         exclude_pen_marks: leave pen marks out of the analysis (see :func:`.tissue.pen_mask`).
         pen_hue_min, pen_hue_max, pen_min_saturation, pen_max_black_value: what counts as ink.
+        exclude_blur: leave out-of-focus tiles out of the analysis (:func:`.tissue.focus_measure` below
+            ``blur_min_focus``, measured at ``blur_mpp`` microns per pixel).
         stain_normalization: re-render tiles in target H&E stains (Macenko, :mod:`scripts.data.stain`) fitted once
             per slide on its thumbnail's tissue.
         stain_reference: an RGB image whose stains are the target (None: ``stain_vectors``).
@@ -157,6 +159,9 @@ class WSISettings:
     pen_hue_max: int = _DEFAULTS["pen_hue_max"]
     pen_min_saturation: int = _DEFAULTS["pen_min_saturation"]
     pen_max_black_value: int = _DEFAULTS["pen_max_black_value"]
+    exclude_blur: bool = _DEFAULTS["exclude_blur"]
+    blur_mpp: float = _DEFAULTS["blur_mpp"]
+    blur_min_focus: float = _DEFAULTS["blur_min_focus"]
     stain_normalization: bool = _DEFAULTS["stain_normalization"]
     stain_reference: str | None = _DEFAULTS["stain_reference"]
     stain_vectors: Sequence[Sequence[float]] | None = _DEFAULTS["stain_vectors"]
@@ -561,6 +566,8 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
             mask &= region.raster(mask.shape, thumb_scale)
         grid = TileGrid(geometry.width, geometry.height, settings.tile_size, settings.overlap)
         grid = grid.with_processed(grid.tissue_tiles(mask, thumb_scale / geometry.scale, settings.min_tissue_fraction))
+        if settings.exclude_blur:
+            grid = grid.with_processed(grid.processed & ~_out_of_focus(slide, geometry, grid, settings))
         tiles = np.argwhere(grid.processed)
         analysed = _covered(grid, tiles, mask.shape, thumb_scale / geometry.scale)
         if region is not None:
@@ -603,6 +610,24 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
     write_text_atomic(summary_path, json.dumps(summary, indent=1))
     shutil.rmtree(parts.folder)
     return summary
+
+
+def _out_of_focus(slide: Slide, geometry: SlideGeometry, grid: TileGrid, settings: WSISettings) -> np.ndarray:
+    """(rows, cols) bool: the processed tiles whose :func:`.tissue.focus_measure` is below ``settings.blur_min_focus``,
+    each tile read from the pyramid level nearest ``settings.blur_mpp`` (not coarser) and area-averaged to it."""
+    focus_scale = settings.blur_mpp / geometry.mpp  # level-0 pixels per pixel of the focus measure
+    level = slide.best_level(focus_scale)
+    downsample = slide.level_downsamples[level]
+    extent = math.ceil(grid.size * geometry.scale / downsample)
+    side = max(8, round(grid.size * geometry.scale / focus_scale))
+    blurred = np.zeros(grid.shape, dtype=bool)
+    for row, col in np.argwhere(grid.processed):
+        x, y = grid.origin(row, col)
+        image = slide.read_region(int(x * geometry.scale / downsample), int(y * geometry.scale / downsample), extent,
+                                  extent, level)
+        image = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+        blurred[row, col] = focus_measure(image, settings.min_saturation) < settings.blur_min_focus
+    return blurred
 
 
 def _stain_normalizer(settings: WSISettings, tissue: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
