@@ -36,7 +36,8 @@ from ..nuclei.postprocess import hovernet_postprocess
 
 SOURCES = ("vit", "decoder")
 
-__all__ = ["SOURCES", "CellEmbeddings", "CellEmbedder", "FeatureSource", "pool_cells", "model_fingerprint", "embed_files"]
+__all__ = ["SOURCES", "CellEmbeddings", "CellEmbedder", "FeatureSource", "pool_cells", "padded_instances",
+           "model_fingerprint", "embed_files"]
 
 
 def model_fingerprint(network: nn.Module) -> str:
@@ -82,6 +83,20 @@ def pool_cells(features: torch.Tensor, inst_map: torch.Tensor, ids: torch.Tensor
     if (area == 0).any():
         raise ValueError(f"instance ids {ids[(area == 0).cpu()].tolist()} are not in the instance map")
     return sums / area[:, None]
+
+
+def padded_instances(inst_map: np.ndarray, features: torch.Tensor, scale: int) -> torch.Tensor:
+    """The ``(H, W)`` instance map zero-padded at its bottom and right to the extent ``(h s, w s)`` of a
+    ``(D, h, w)`` feature map at ``1/s`` of its resolution (the network ran on the image padded so), int64 on the
+    CPU: what :func:`pool_cells` pools that map over."""
+    height, width = inst_map.shape
+    h, w = features.shape[-2] * scale, features.shape[-1] * scale
+    if h < height or w < width:
+        raise ValueError(f"a {features.shape[-2]}x{features.shape[-1]} feature map at 1/{scale} does not cover the "
+                         f"{height}x{width} instance map")
+    padded = np.zeros((h, w), np.int64)
+    padded[:height, :width] = inst_map
+    return torch.from_numpy(padded)
 
 
 @dataclass
@@ -170,7 +185,7 @@ class FeatureSource:
     def _capture(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
         self._captured = output
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(self, height: int, width: int) -> torch.Tensor:
         """``(B, D, height / scale, width / scale)`` float32: the source's map of the network's last forward on a
         ``(B, 3, height, width)`` input (``height``, ``width`` multiples of 16)."""
@@ -270,10 +285,7 @@ class CellEmbedder:
                                                .cpu().numpy(), None, self.magnification)
         if inst_map.shape != (height, width):
             raise ValueError(f"{name}: instance map {inst_map.shape} differs from the image {(height, width)}")
-        scale = self.feature_source.scale
-        padded = np.zeros((features.shape[-2] * scale, features.shape[-1] * scale), np.int64)
-        padded[:height, :width] = inst_map
-        inst = torch.from_numpy(padded)
+        inst = padded_instances(inst_map, features, self.feature_source.scale)
         ids = torch.unique(inst)
         ids = ids[ids > 0]
         emb = pool_cells(features, inst.to(features.device), ids.to(features.device))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +83,15 @@ class InferenceWriter:
         output_dir: output folder.
         class_names: all class names, background first.
         overlays: also write the overlay PNGs.
+        colours: RGB class colours, background first (a cell classifier's); None: the writers' palette.
     """
 
-    def __init__(self, output_dir: str | Path, class_names: list[str], overlays: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, class_names: list[str], overlays: bool = True,
+                 colours: Sequence[Sequence[int]] | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.overlays = overlays
+        self.colours = colours
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.output_dir.mkdir(parents=True, exist_ok=True))
@@ -101,6 +104,6 @@ class InferenceWriter:
             nuclei = pred["nuclei"]
             write_maps(self.output_dir / f"{name}.npz", _plane(pred["inst_map"]), _plane(pred["type_map"]),
                        _as_array(pred["tissue"]) if "tissue" in pred else None)
-            write_geojson(self.output_dir / f"{name}.geojson", nuclei, self.class_names)
+            write_geojson(self.output_dir / f"{name}.geojson", nuclei, self.class_names, self.colours)
             if self.overlays:
-                write_png(self.output_dir / f"{name}_overlay.png", overlay(read_image(sample["path"]), nuclei))
+                write_png(self.output_dir / f"{name}_overlay.png", overlay(read_image(sample["path"]), nuclei, self.colours))

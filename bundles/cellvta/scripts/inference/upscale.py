@@ -64,7 +64,9 @@ class UpscaleInferer(Inferer):
         tissue head's probabilities as a map, :mod:`.tissue`)."""
         size = [round(s * self.scale) for s in inputs.shape[-2:]]
         upscaled = F.interpolate(inputs, size=size, mode="bilinear", align_corners=False)
-        return self.window(upscaled, SpatialOutputs(network, tissue_key=TISSUE_MAP_KEY), *args, **kwargs)
+        spatial = (network if isinstance(network, SpatialOutputs)
+                   else SpatialOutputs(network, tissue_key=TISSUE_MAP_KEY))
+        return self.window(upscaled, spatial, *args, **kwargs)
 
 
 def _nearest(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

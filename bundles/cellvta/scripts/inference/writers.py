@@ -18,8 +18,14 @@ PALETTE = [(0, 0, 0), (255, 0, 0), (34, 221, 77), (35, 92, 236), (254, 255, 0), 
            (255, 0, 255), (128, 0, 128), (0, 128, 128)]
 
 
-def class_color(index: int) -> tuple[int, int, int]:
-    """RGB colour of class ``index`` (cycles through ``PALETTE`` after its end)."""
+Colours = Sequence[Sequence[int]] | None
+
+
+def class_color(index: int, colours: Colours = None) -> tuple[int, int, int]:
+    """RGB colour of class ``index``: ``colours[index]`` (a cell classifier's, background first) when given,
+    else ``PALETTE``'s (cycling after its end)."""
+    if colours is not None and index < len(colours):
+        return tuple(int(c) for c in colours[index])
     return PALETTE[index] if index < len(PALETTE) else PALETTE[1 + (index - 1) % (len(PALETTE) - 1)]
 
 
@@ -61,21 +67,23 @@ def closed_rings(xy: np.ndarray, start: np.ndarray, scale: float = 1.0, offset: 
     return rings
 
 
-def detection_feature(ring: np.ndarray, cls: int, class_names: Sequence[str], measurements: dict[str, float]) -> dict:
-    """A QuPath detection Feature: the closed polygon ``ring`` ((K + 1, 2) x, y), its class and measurements."""
+def detection_feature(ring: np.ndarray, cls: int, class_names: Sequence[str], measurements: dict[str, float],
+                      colours: Colours = None) -> dict:
+    """A QuPath detection Feature: the closed polygon ``ring`` ((K + 1, 2) x, y), its class (colour from
+    ``colours``, see :func:`class_color`) and measurements."""
     return {
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": [ring.round(2).tolist()]},
         "properties": {
             "objectType": "detection",
-            "classification": {"name": class_name(class_names, cls), "color": list(class_color(cls))},
+            "classification": {"name": class_name(class_names, cls), "color": list(class_color(cls, colours))},
             "measurements": measurements,
         },
     }
 
 
 def nuclei_features(nuclei: Nuclei, class_names: Sequence[str], offset: tuple[float, float] = (0.0, 0.0),
-                    scale: float = 1.0) -> list[dict]:
+                    scale: float = 1.0, colours: Colours = None) -> list[dict]:
     """One QuPath detection Feature per nucleus: closed polygon, classification and measurements.
 
     Args:
@@ -83,6 +91,7 @@ def nuclei_features(nuclei: Nuclei, class_names: Sequence[str], offset: tuple[fl
         class_names: all class names, background first.
         offset: ``(x, y)`` added to every coordinate after scaling (tile origin in level-0 pixels).
         scale: multiplier of the coordinates (level-0 pixels per pixel of the analysed image).
+        colours: class colours, background first (:func:`class_color`).
     """
     lengths = [len(c) for c in nuclei.contours]
     xy = np.concatenate(nuclei.contours) if lengths else np.zeros((0, 2))
@@ -92,20 +101,21 @@ def nuclei_features(nuclei: Nuclei, class_names: Sequence[str], offset: tuple[fl
         cx, cy = (nuclei.centroids[i] * scale + np.asarray(offset)).tolist()
         measurements = {"type_probability": round(float(nuclei.type_probs[i]), 4),
                         "centroid_x": round(cx, 2), "centroid_y": round(cy, 2)}
-        features.append(detection_feature(ring, int(nuclei.types[i]), class_names, measurements))
+        features.append(detection_feature(ring, int(nuclei.types[i]), class_names, measurements, colours))
     return features
 
 
-def write_geojson(path: Path, nuclei: Nuclei, class_names: Sequence[str]) -> None:
+def write_geojson(path: Path, nuclei: Nuclei, class_names: Sequence[str], colours: Colours = None) -> None:
     """A GeoJSON FeatureCollection of the nuclei (QuPath: File > Import objects)."""
-    write_text_atomic(path, json.dumps({"type": "FeatureCollection", "features": nuclei_features(nuclei, class_names)}))
+    features = nuclei_features(nuclei, class_names, colours=colours)
+    write_text_atomic(path, json.dumps({"type": "FeatureCollection", "features": features}))
 
 
-def overlay(image: np.ndarray, nuclei: Nuclei) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB image with every nucleus outlined in its class colour."""
+def overlay(image: np.ndarray, nuclei: Nuclei, colours: Colours = None) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB image with every nucleus outlined in its class colour (:func:`class_color`)."""
     canvas = np.ascontiguousarray(image[..., :3], dtype=np.uint8).copy()
     for contour, cls in zip(nuclei.contours, nuclei.types):
-        cv2.polylines(canvas, [contour.reshape(-1, 1, 2).astype(np.int32)], True, class_color(int(cls)), 1)
+        cv2.polylines(canvas, [contour.reshape(-1, 1, 2).astype(np.int32)], True, class_color(int(cls), colours), 1)
     return canvas
 
 

@@ -35,7 +35,8 @@ from ..files import write_text_atomic
 from .metrics import METRIC_KEYS, ImageScores, evaluate_image, summarize
 
 __all__ = [
-    "load_maps", "load_tissues", "evaluate", "json_ready", "per_image_record", "markdown_report", "tissue_classification", "write_report", "main"
+    "load_maps", "load_tissues", "class_lut", "evaluate", "json_ready", "per_image_record", "markdown_report",
+    "tissue_classification", "write_report", "main",
 ]
 
 Maps = list[tuple[str, np.ndarray, np.ndarray]]
@@ -181,6 +182,35 @@ def load_tissues(source: str | Path | Mapping | Sequence | None, names: Sequence
     return source
 
 
+def class_lut(pred_classes: Sequence[str], class_names: Sequence[str], class_map: Mapping[str, str] | None = None,
+              source: str = "predictions") -> np.ndarray:
+    """The ids in ``class_names`` of predicted type ids whose classes are ``pred_classes``.
+
+    Args:
+        pred_classes: the predictions' class names for type ids 1..K (background excluded; a cell classifier's).
+        class_names: all class names, background first (the dataset's).
+        class_map: {predicted class: name in ``class_names``}, every predicted class listed; None: the two lists
+            must hold the same classes (background excluded), matched by name.
+        source: what the predictions are, for the error message.
+
+    Returns:
+        (K + 1,) int64: ``lut[predicted id]`` is the id in ``class_names`` (0 stays background).
+
+    Raises:
+        ValueError: naming both lists, when a predicted class has no class (or the lists differ, without a map).
+    """
+    pred_classes, targets = list(pred_classes), list(class_names)[1:]
+    if class_map is None and sorted(pred_classes) != sorted(targets):
+        raise ValueError(f"{source}: classes {pred_classes} are not the dataset's {targets} (background excluded): "
+                         "give a class map {predicted class: dataset class}")
+    mapped = [name if class_map is None else class_map.get(name) for name in pred_classes]
+    bad = [p for p, m in zip(pred_classes, mapped) if m not in targets]
+    if bad:
+        raise ValueError(f"{source}: classes {bad} are mapped to no class of the dataset's {targets} (class map "
+                         f"{dict(class_map or {})}, predicted classes {pred_classes})")
+    return np.array([0] + [targets.index(m) + 1 for m in mapped], np.int64)
+
+
 def _listed(names: Sequence[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -254,6 +284,8 @@ def evaluate(
     pixel_size_um: float = 0.25,
     dummy_points: bool = False,
     pair_by_order: bool = False,
+    pred_classes: Sequence[str] | None = None,
+    class_map: Mapping[str, str] | None = None,
 ) -> dict[str, object]:
     """Score predictions against ground truth.
 
@@ -269,13 +301,27 @@ def evaluate(
         radius_um, pixel_size_um: detection radius (3 µm at 0.25 µm/px = 12 px, the reference's 40× value).
         dummy_points: reproduce the reference's dummy (0, 0) detection point in images without nuclei.
         pair_by_order: pair the two sources position by position (in name order for folders) instead.
+        pred_classes: the predictions' own classes for type ids 1..K (a cell classifier's, background excluded):
+            their type maps are brought to the ids of ``class_names`` by name or ``class_map``
+            (:func:`class_lut`); None: the predictions already use the ids of ``class_names``.
+        class_map: {predicted class: name in ``class_names``}, with ``pred_classes``.
 
     Returns:
         JSON-ready dict ``{"config", "summary", "per_image"}`` (NaN written as None).
     """
     if pixel_size_um <= 0 or radius_um <= 0:
         raise ValueError(f"radius_um and pixel_size_um must be positive, got {radius_um}, {pixel_size_um}")
-    pairs = _pair(load_maps(pred, pred_keys), load_maps(gt, gt_keys), pair_by_order)
+    predictions = load_maps(pred, pred_keys)
+    if pred_classes is not None:
+        if class_names is None:
+            raise ValueError("pred_classes needs class_names (the ground truth's classes) to map them to")
+        lut = class_lut(pred_classes, class_names, class_map)
+        for name, _, types in predictions:
+            if int(np.max(types, initial=0)) >= len(lut):
+                raise ValueError(f"image {name!r}: type id {int(np.max(types))} beyond the {len(lut) - 1} predicted "
+                                 f"classes {list(pred_classes)}")
+        predictions = [(name, inst, lut[np.asarray(types, np.int64)]) for name, inst, types in predictions]
+    pairs = _pair(predictions, load_maps(gt, gt_keys), pair_by_order)
     if not pairs:
         raise ValueError("no images to evaluate")
     if num_classes is None:
@@ -433,14 +479,25 @@ def main(
     pixel_size_um: float = 0.25,
     dummy_points: bool = False,
     pair_by_order: bool = False,
+    classifier: str | None = None,
+    class_map: Mapping[str, str] | None = None,
 ) -> None:
     """Command line: evaluate, write ``metrics.json`` and ``metrics.md`` into ``output_dir`` and print the tables.
 
     ``pred_tissues``: the predicted tissue of each image (tile inference's ``tissue.csv``, or any source of
-    :func:`load_tissues`), scored against ``tissues`` (:func:`tissue_classification`, classes: the labels found)."""
+    :func:`load_tissues`), scored against ``tissues`` (:func:`tissue_classification`, classes: the labels found).
+
+    ``classifier``: the ``classifier.pt`` whose classes the predictions' type maps hold (tile inference run with
+    it), mapped to ``class_names`` by name or ``class_map`` (``--class_map='{tumour: epithelial, ...}'``).
+    """
+    pred_classes = None
+    if classifier is not None:
+        from ..cells.classifier import load_classifier
+
+        pred_classes = load_classifier(classifier)[1].names
     result = evaluate(
         pred, gt, num_classes, class_names, tissues, pred_keys, gt_keys, iou_threshold, radius_um, pixel_size_um,
-        dummy_points, pair_by_order,
+        dummy_points, pair_by_order, pred_classes, class_map,
     )
     if pred_tissues is not None:
         if tissues is None:
