@@ -64,6 +64,8 @@ CONSEP = ROOT.parent / "shared" / "data" / "consep" / "consep_train.npz"
 NAMES = CONSEP_CLASSES[1:]
 SOURCES = ("vit", "decoder", "pixel")
 COLOURS = {"vit": "tab:blue", "decoder": "tab:orange", "pixel": "tab:green"}
+LABELS = {"vit": "head on vit embeddings", "decoder": "head on decoder embeddings",
+          "pixel": "head on 18 pixel features"}
 HEAD_KEYS = ("hidden", "dropout", "epochs", "lr", "weight_decay", "batch_size", "val_fraction", "patience")
 NETWORKS = {"cellvta": CellVTA, "cellvit": CellViT}
 
@@ -213,7 +215,7 @@ def plot(result: dict, path: Path) -> None:
     for name, pts in result["curve"].items():
         xs = list(pts)
         ax.errorbar(range(len(xs)), [pts[k]["macro_f1"] for k in xs], yerr=[pts[k]["macro_f1_sd"] for k in xs],
-                    marker="o", capsize=3, label=f"head on {name}", color=COLOURS[name])
+                    marker="o", capsize=3, label=LABELS[name], color=COLOURS[name])
     ax.axhline(result["type_branch"]["macro_f1"], color="grey", ls="--", label="network's own type branch")
     ax.set(xticks=range(len(xs)), xticklabels=xs, xlabel="labelled nuclei per class",
            ylabel="macro-F1 on validation-tile nuclei",
