@@ -74,7 +74,8 @@ def rasterize(geojson: Path, shape: tuple[int, int], scale: float = 1.0) -> tupl
 
 
 def outputs(folder: Path, stem: str) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob(f"{stem}*")) if p.suffix != ".json"}
+    """The outputs that do not hold the run time (the summary and the report do)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob(f"{stem}*")) if p.suffix not in {".json", ".html"}}
 
 
 def test_every_nucleus_is_kept_by_exactly_one_tile_whatever_the_tiles_processed():
@@ -324,7 +325,7 @@ def test_a_slide_named_like_a_hidden_file_writes_inside_the_output_folder(mosaic
     assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["out"]
     assert {p.name for p in (tmp_path / "box" / "out").iterdir()} == {
         ".dot.tif.geojson", ".dot.tif.csv", ".dot.tif.parquet", ".dot.tif_overlay.png", ".dot.tif_mask.png",
-        ".dot.tif.json"}
+        ".dot.tif_report.html", ".dot.tif.json"}
     assert summary["cells"] > 3
 
 
@@ -384,7 +385,8 @@ def test_a_full_disk_during_the_outputs_leaves_no_temporary_and_no_output(slide,
     assert left == [".mosaic.tif.parts"], left  # the resumable parts, nothing else
     assert run_slide(slide, tmp_path / "full", HematoxylinPredictor(), CLASSES, SETTINGS)["cells"] == reference["cells"]
     assert outputs(tmp_path / "full", "mosaic.tif") == expected
-    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == sorted([*expected, "mosaic.tif.json"])
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == sorted([*expected, "mosaic.tif.json",
+                                                                            "mosaic.tif_report.html"])
 
 
 ORPHANS = """

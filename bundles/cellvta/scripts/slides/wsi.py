@@ -10,7 +10,8 @@ For each slide:
    post-process every tile in a pool of worker processes (:func:`.tile_cells.tile_cells`) so the predictor
    never waits for the watershed; each nucleus is kept once, by the tile it lies in most centrally;
 4. save the nuclei of every ``chunk_tiles`` consecutive tiles as a part file: a killed run, started again with
-   the same command, skips the parts it has and ends with the same outputs as an uninterrupted run;
+   the same command, skips the parts it has and ends with the same outputs as an uninterrupted run (byte for byte,
+   but for the run time in ``<slide>.json`` and ``<slide>_report.html``);
 5. stream the parts into the outputs (:mod:`.outputs`), published together when all are complete.
    ``<slide>`` is the slide's full file name (``case.1.tif`` -> ``case.1.tif.geojson``; a DICOM series folder:
    the folder's name); a cohort holding two slides of the same file name is refused before any work:
@@ -18,6 +19,7 @@ For each slide:
    * ``<slide>.geojson``: QuPath detections (class name and colour, measurements); with a cell classifier
      (:class:`.predictors.SlideClassifier`) each nucleus's class and probability are the classifier's (softmax
      over its classes, applied to the nucleus's embedding) and the names and colours are its own;
+   * ``<slide>.geojson.gz`` (optional, ``geojson_gzip``): the same text gzip-compressed;
    * ``<slide>.csv``: ``id, x, y`` (level-0 pixels), ``x_um, y_um``, ``type_id, type, probability, area_um2``;
    * ``<slide>.parquet``: the same columns plus ``perimeter_um, solidity, eccentricity`` (and ``embedding`` when
      requested), a columnar table (:class:`.outputs.ParquetStream`);
@@ -29,6 +31,8 @@ For each slide:
    * ``<slide>_tissue.png`` (networks with a tissue head): one pixel per tile, the tile's predicted tissue class
      (:mod:`.tissue_map`), with the fraction of analysed tiles and the mean probability of each class in
      ``<slide>.json`` (``tissue``);
+   * ``<slide>_report.html``: a self-contained page to open (:mod:`.report`): overlay, density of each class,
+     tissue map, counts, model, run time and settings;
    * ``<slide>.json``: the slide, the analysis settings, counts per class, written last (a slide with this file,
      the same settings and all its outputs is skipped when a cohort is run again; any other summary is deleted
      before new outputs are published).
@@ -63,6 +67,7 @@ from .cohort import SLIDE_SUFFIXES, list_slides
 from .outputs import (CSVStream, GeoJSONStream, ParquetStream, SlideOutputs, check_unique_names, geojson_features,
                       morphometrics, output_path)
 from .readers import Slide, SlideError, open_slide
+from .report import write_report
 from .regions import Region, find_region, read_region
 from .tile_cells import PredictedMaps, TileMaps, tile_cells
 from .tiling import TileGrid
@@ -135,6 +140,9 @@ class WSISettings:
         stain_reference: an RGB image whose stains are the target (None: ``stain_vectors``).
         stain_vectors, stain_max_concentrations: (3, 2) target stain vectors and (2,) concentrations (None:
             Macenko's reference H&E).
+        geojson_gzip: also write ``<slide>.geojson.gz``, the GeoJSON gzip-compressed at this zlib level (1 fastest
+            to 9 smallest; 0: not written).
+        report_grid_um: side in microns of the squares of the report's density maps (:mod:`.report`).
     """
 
     target_mpp: float = _DEFAULTS["target_mpp"]
@@ -166,6 +174,8 @@ class WSISettings:
     stain_reference: str | None = _DEFAULTS["stain_reference"]
     stain_vectors: Sequence[Sequence[float]] | None = _DEFAULTS["stain_vectors"]
     stain_max_concentrations: Sequence[float] | None = _DEFAULTS["stain_max_concentrations"]
+    geojson_gzip: int = _DEFAULTS["geojson_gzip"]
+    report_grid_um: float = _DEFAULTS["report_grid_um"]
 
 
 @dataclass(frozen=True)
@@ -402,6 +412,8 @@ class _EmbeddingStream:
 
 OUTPUTS = (".geojson", ".csv", ".parquet", "_overlay.png", "_mask.png")
 EMBEDDING_OUTPUTS = ("_embeddings.npy", "_embedding_ids.npy")
+GZIP_OUTPUT = ".geojson.gz"
+REPORT_OUTPUT = "_report.html"  # written after the other outputs, before <slide>.json
 TISSUE_OUTPUT = "_tissue.png"
 
 
@@ -430,7 +442,8 @@ def _inside(table: CellTable, geometry: SlideGeometry, region: Region | None, th
 
 def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry: SlideGeometry, grid: TileGrid,
               thumbnail: _Thumbnail, class_names: Sequence[str], colours: np.ndarray, tissue_names: Sequence[str],
-              embeddings: bool, region: Region | None, timings: dict[str, float]) -> tuple[np.ndarray, dict | None]:
+              embeddings: bool, region: Region | None, timings: dict[str, float],
+              gzip_level: int = 0) -> tuple[np.ndarray, dict | None]:
     """Stream the parts into the outputs, published together when all are complete; return the nuclei count per
     class id and the tissue summary (:func:`.tissue_map.tissue_summary` with the map's name and ``tile_stride``,
     level-0 pixels per map pixel; None without a tissue head) (``timings``: see :func:`_stream`)."""
@@ -445,6 +458,7 @@ def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry
         tissue.append(part_tissue)
     probabilities = np.concatenate(tissue[1:]) if n_parts else tissue[0]
     suffixes = OUTPUTS + (EMBEDDING_OUTPUTS if embeddings else ()) + ((TISSUE_OUTPUT,) if probabilities.shape[1] else ())
+    suffixes += (GZIP_OUTPUT,) if gzip_level else ()
     with SlideOutputs(output_dir, name, suffixes) as tmp:
         if not cv2.imwrite(str(tmp["_mask.png"]), thumbnail.analysed.astype(np.uint8) * 255):
             raise OSError(f"could not write {tmp['_mask.png']}")
@@ -456,18 +470,20 @@ def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry
             summary = {"map": f"{name}{TISSUE_OUTPUT}", "tile_stride": grid.stride * geometry.scale,
                        **tissue_summary(probabilities, tissue_names)}
         counts = _stream(parts, n_parts, tmp, total, dim, geometry, thumbnail, class_names, colours, embeddings,
-                         region, timings)
+                         region, timings, gzip_level)
     return counts, summary
 
 
 def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: int, geometry: SlideGeometry,
             thumbnail: _Thumbnail, class_names: Sequence[str], colours: np.ndarray, embeddings: bool,
-            region: Region | None, timings: dict[str, float]) -> np.ndarray:
+            region: Region | None, timings: dict[str, float], gzip_level: int = 0) -> np.ndarray:
     """Write the parts into the temporaries ``tmp`` (by output suffix), each class id in its name and (C, 3) RGB
     colour; return the nuclei count per class id and
     add the seconds spent formatting and writing each table format to ``timings`` (the polygons, shared by
-    GeoJSON and Parquet, count for GeoJSON)."""
+    GeoJSON and Parquet, count for GeoJSON; ``geojson.gz`` the compression of the same text at ``gzip_level``, 0:
+    none)."""
     geojson = GeoJSONStream(tmp[".geojson"])
+    compressed = GeoJSONStream(tmp[GZIP_OUTPUT], gzip_level) if gzip_level else None
     table_csv = CSVStream(tmp[".csv"], ["id", "x", "y", "x_um", "y_um", "type_id", "type", "probability", "area_um2"])
     cells = ParquetStream(tmp[".parquet"], dim if embeddings else 0)
     vectors = _EmbeddingStream(tmp[EMBEDDING_OUTPUTS[0]], tmp[EMBEDDING_OUTPUTS[1]], total, dim) if embeddings else None
@@ -484,8 +500,13 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
             t0 = clock()
             rings = closed_rings(table.contour_xy, table.contour_start, geometry.scale)
             area = table.area * (geometry.scale * geometry.mpp) ** 2
-            geojson.write(geojson_features(rings, ids, table.type, table.probability, area, class_names, colours))
+            text = geojson_features(rings, ids, table.type, table.probability, area, class_names, colours)
+            geojson.write(text)
             t1 = clock()
+            if compressed is not None:
+                compressed.write(text)
+                timings[GZIP_OUTPUT] = timings.get(GZIP_OUTPUT, 0.0) + clock() - t1
+                t1 = clock()
             table_csv.write(_csv_rows(table, ids, geometry, class_names))
             t2 = clock()
             cells.write(_columns(table, ids, rings, geometry, class_names))
@@ -500,10 +521,16 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
             dots = np.minimum(dots, np.array(overlay.shape[1::-1]) - 1)
             overlay[dots[:, 1], dots[:, 0]] = colours[types]
         geojson.close()
+        if compressed is not None:
+            t0 = clock()
+            compressed.close()
+            timings[GZIP_OUTPUT] += clock() - t0
         table_csv.close()
         cells.close()
     except BaseException:
         geojson.discard()
+        if compressed is not None:
+            compressed.discard()
         table_csv.discard()
         cells.discard()
         raise
@@ -589,7 +616,7 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
         colours = np.array(classifier.colours if classifier is not None else
                            [class_color(t) for t in range(len(class_names))], dtype=np.uint8).reshape(-1, 3)
         counts, tissue = _assemble(parts, len(chunks), output_dir, name, geometry, grid, view, class_names, colours,
-                                   tissue_names, settings.embeddings, region, timings)
+                                   tissue_names, settings.embeddings, region, timings, settings.geojson_gzip)
         width, height = slide.dimensions
     summary = {
         "slide": str(slide_path), "width": width, "height": height, "mpp": geometry.mpp,
@@ -605,8 +632,10 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
         "seconds": round(time.perf_counter() - started, 2),
         "write_seconds": {suffix.lstrip("."): round(t, 2) for suffix, t in timings.items()},
         "outputs": [f"{name}{suffix}" for suffix in OUTPUTS + (EMBEDDING_OUTPUTS if settings.embeddings else ())
-                    + ((TISSUE_OUTPUT,) if tissue is not None else ())],
+                    + ((TISSUE_OUTPUT,) if tissue is not None else ())
+                    + ((GZIP_OUTPUT,) if settings.geojson_gzip else ()) + (REPORT_OUTPUT,)],
     }
+    write_report(output_path(output_dir, name, REPORT_OUTPUT), summary, output_dir, settings.report_grid_um)
     write_text_atomic(summary_path, json.dumps(summary, indent=1))
     shutil.rmtree(parts.folder)
     return summary
