@@ -212,6 +212,16 @@ def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained,
     assert tissue["tiles"] == 16 and sum(tissue["fractions"].values()) == pytest.approx(1.0)
     assert cv2.imread(str(out / "synthetic_slide.tif_tissue.png")).shape == (4, 4, 3)
     assert cv2.imread(str(out / "synthetic_slide.tif_overlay.png")).shape == (192, 192, 3)
+    # a cell classifier of another model's embeddings is refused before any slide is read, naming the file
+    from scripts.cells.classifier import CellClassifier, save_classifier
+    from scripts.cells.labels import ClassTable
+
+    other = save_classifier(tmp_path / "other.pt", CellClassifier(64, 2), ClassTable(["a", "b"], [(1, 2, 3), (4, 5, 6)]),
+                            "decoder", "0123456789abcdef")
+    refused = bundle_run("inferring", WHOLE_SLIDE, "--bundle_root", str(trained), "--input", str(slide),
+                         "--output_dir", str(tmp_path / "refused"), "--classifier", str(other), check=False)
+    assert refused.returncode != 0 and "other.pt: trained on the embeddings of another model" in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def official_name(key: str) -> str:
