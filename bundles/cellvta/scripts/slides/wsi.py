@@ -25,8 +25,9 @@ For each slide:
      requested), a columnar table (:class:`.outputs.ParquetStream`);
    * ``<slide>_embeddings.npy`` and ``<slide>_embedding_ids.npy`` (optional): per nucleus its embedding, the
      ``embedding_source`` map (``vit``: the ViT's last-block tokens after its final norm, weighted by the nucleus'
-     pixels in each token; ``decoder``: the type branch's last feature map averaged over the nucleus) of the tile
-     that kept it, as :mod:`scripts.cells.embeddings` computes it on an image;
+     pixels in each token; ``decoder``: the last feature map of the decoder branch ``embedding_branch``, the type
+     branch by default, averaged over the nucleus) of the tile that kept it, as :mod:`scripts.cells.embeddings`
+     computes it on an image;
    * ``<slide>_overlay.png``: the thumbnail with every nucleus as a dot in its class colour;
    * ``<slide>_tissue.png`` (networks with a tissue head): one pixel per tile, the tile's predicted tissue class
      (:mod:`.tissue_map`), with the fraction of analysed tiles and the mean probability of each class in
