@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
 from scripts.cells.apply import NucleiClassifier
-from scripts.cells.classifier import predict, save_classifier, train_classifier
+from scripts.cells.classifier import CellClassifier, load_classifier, predict, save_classifier, train_classifier
 from scripts.cells.embeddings import SOURCES, CellEmbedder, FeatureSource, model_fingerprint
 from scripts.cells.labels import ClassTable
 from scripts.data.datasets import read_info, save_class_table
@@ -142,6 +142,21 @@ def test_vit_windows_keep_to_the_token_grid(network, dataset):
     np.testing.assert_allclose(maps["source_features"][0, :, 4, 4], corner[0, :, 3, 3], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="move by 179 px"):
         AlignedSlidingWindowInferer((256, 256), 1, 0.3, multiple=16)
+
+
+def test_the_decoder_branch_recorded_in_the_classifier_is_the_one_hooked(network, tmp_path):
+    """classifier.pt records the decoder branch its embeddings came from: inference hooks that branch, and the
+    classifier is refused for another branch's embeddings, naming the file."""
+    path = save_classifier(tmp_path / "hv.pt", CellClassifier(64, 3), NEW_CLASSES, "decoder",
+                           model_fingerprint(network), "hv_map")
+    classifier = NucleiClassifier(path)
+    module = network.decoder.branches["hv_map"].decoder0_header[-2]
+    hooks = len(module._forward_hooks)
+    with classifier.hook(network):
+        assert classifier.branch == "hv_map" and len(module._forward_hooks) == hooks + 1
+    assert len(module._forward_hooks) == hooks
+    with pytest.raises(ValueError, match=r"hv.pt: trained on the 'hv_map' decoder branch's embeddings"):
+        load_classifier(path, "decoder", branch="nuclei_type_map")
 
 
 def _run_inference(model_dir: Path, dataset: Path, images: list[str], out: Path, **overrides) -> None:

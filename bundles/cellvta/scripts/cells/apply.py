@@ -48,26 +48,24 @@ class NucleiClassifier:
             (with its colours).
         class_map: {classifier class: name in ``classes``}; None: the classifier's classes must be those of
             ``classes`` (background excluded).
-        branch: the decoder branch of the ``decoder`` source.
         features_key: the key of the source map in the prediction dict.
 
     Attributes:
-        source: the classifier's embedding source; scale: the input's resolution over its map (16 or 1).
+        source, branch: the classifier's embedding source (and decoder branch, as recorded in its file); scale:
+            the input's resolution over the source's map (16 or 1).
         class_names: the output classes, background first.
         colours: their RGB colours (background first): the classifier's, or None (the writers' palette) with
             ``classes``.
     """
 
     def __init__(self, path: str | Path, classes: Sequence[str] | None = None,
-                 class_map: Mapping[str, str] | None = None, branch: str = "nuclei_type_map",
-                 features_key: str = "source_features") -> None:
+                 class_map: Mapping[str, str] | None = None, features_key: str = "source_features") -> None:
         self.path = Path(path)
         self.model, table, meta = load_classifier(self.path)
-        self.source, self.fingerprint = meta["source"], meta["fingerprint"]
+        self.source, self.branch = meta["source"], meta["branch"]
         if self.source not in SOURCES:
             raise ValueError(f"{self.path}: unknown embedding source {self.source!r}; known: {list(SOURCES)}")
         self.scale = 16 if self.source == "vit" else 1
-        self.branch = branch
         self.features_key = features_key
         if classes is None:
             self.class_names = ["background", *table.names]

@@ -6,8 +6,8 @@ class-balanced cross-entropy (each class weighs the inverse of its frequency), a
 split, early stopping on the validation macro-F1 (the best epoch's weights are kept).
 
 ``classifier.pt`` (read with ``torch.load(weights_only=True)``): ``state_dict``, ``classes`` and ``colours`` (the
-class table), ``source`` and ``fingerprint`` (the embeddings it was trained for), ``in_dim``, ``hidden``,
-``dropout``.
+class table), ``source``, ``branch`` (the decoder branch of the ``decoder`` source) and ``fingerprint`` (the
+embeddings it was trained for), ``in_dim``, ``hidden``, ``dropout``.
 """
 
 from __future__ import annotations
@@ -146,13 +146,13 @@ def train_classifier(x: np.ndarray, y: np.ndarray, names: list[str], hidden: int
 
 
 def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable, source: str,
-                    fingerprint: str) -> Path:
+                    fingerprint: str, branch: str = "nuclei_type_map") -> Path:
     """Write ``classifier.pt`` atomically (module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     first = model.net if isinstance(model.net, nn.Linear) else model.net[0]
     payload = {"state_dict": model.state_dict(), "classes": list(classes.names),
-               "colours": [list(c) for c in classes.colours], "source": source, "fingerprint": fingerprint,
+               "colours": [list(c) for c in classes.colours], "source": source, "branch": branch, "fingerprint": fingerprint,
                "in_dim": int(first.in_features), "hidden": 0 if isinstance(model.net, nn.Linear) else
                int(first.out_features), "dropout": 0.0 if isinstance(model.net, nn.Linear) else
                float(model.net[2].p)}
@@ -161,10 +161,11 @@ def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable
     return path
 
 
-def load_classifier(path: str | Path, source: str | None = None,
-                    fingerprint: str | None = None) -> tuple[CellClassifier, ClassTable, dict]:
-    """Read ``classifier.pt``; with ``source``/``fingerprint`` given, refuse a classifier trained for other
-    embeddings (ValueError naming the file). Returns the model (eval mode), its class table and its metadata."""
+def load_classifier(path: str | Path, source: str | None = None, fingerprint: str | None = None,
+                    branch: str | None = None) -> tuple[CellClassifier, ClassTable, dict]:
+    """Read ``classifier.pt``; with ``source``/``fingerprint``/``branch`` given, refuse a classifier trained for
+    other embeddings (ValueError naming the file). Returns the model (eval mode), its class table and its metadata
+    (``branch``: ``nuclei_type_map`` for files written before it was recorded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: classifier file not found")
@@ -172,10 +173,14 @@ def load_classifier(path: str | Path, source: str | None = None,
         payload = torch.load(path, map_location="cpu", weights_only=True)
         meta = {k: payload[k] for k in ("classes", "colours", "source", "fingerprint", "in_dim", "hidden",
                                         "dropout")}
+        meta["branch"] = payload.get("branch", "nuclei_type_map")
     except (KeyError, TypeError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a cell classifier file ({e})") from e
     if source is not None and meta["source"] != source:
         raise ValueError(f"{path}: trained on '{meta['source']}' embeddings, these are '{source}' embeddings")
+    if branch is not None and meta["source"] == "decoder" and meta["branch"] != branch:
+        raise ValueError(f"{path}: trained on the '{meta['branch']}' decoder branch's embeddings, these are the "
+                         f"'{branch}' branch's")
     if fingerprint is not None and meta["fingerprint"] != fingerprint:
         raise ValueError(f"{path}: trained on the embeddings of another model (fingerprint {meta['fingerprint']}, "
                          f"this model {fingerprint})")

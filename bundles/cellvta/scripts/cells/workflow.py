@@ -167,7 +167,8 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
                  class_map: dict | None = None, match_radius_um: float = 3.0, mpp: float = 0.25,
                  point_units: str = "px", hidden: int = 0, dropout: float = 0.0, epochs: int = 200,
                  lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256, val_fraction: float = 0.2,
-                 patience: int = 20, seed: int = 0, tracking_uri: str | None = None) -> dict:
+                 patience: int = 20, seed: int = 0, tracking_uri: str | None = None,
+                 branch: str = "nuclei_type_map") -> dict:
     """Train ``<output_dir>/classifier.pt`` on the cached embeddings and their labels.
 
     Args:
@@ -179,6 +180,7 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
         hidden ... seed: the classifier's (:func:`.classifier.train_classifier`); ``val_fraction`` of the images
             (seeded) is held out for validation, or of the nuclei when there is a single image.
         tracking_uri: an MLflow tracking URI to log parameters, metrics and outputs to (None: no tracking).
+        branch: the decoder branch the ``decoder`` source's embeddings were read from (recorded in the file).
 
     Returns:
         The summary written to ``classifier_metrics.json``.
@@ -205,9 +207,9 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
     result = train_classifier(x, y, table.names, hidden, dropout, epochs, lr, weight_decay, batch_size,
                               val_fraction, patience, seed, x_val, y_val)
     out = Path(output_dir)
-    model_path = save_classifier(out / "classifier.pt", result.model, table, source, fingerprint)
+    model_path = save_classifier(out / "classifier.pt", result.model, table, source, fingerprint, branch)
     end_energy = _gpu_energy_mj()
-    summary = {"classifier": str(model_path), "source": source, "fingerprint": fingerprint,
+    summary = {"classifier": str(model_path), "source": source, "branch": branch, "fingerprint": fingerprint,
                "classes": table.to_config(), "train_cells": int(len(x)), "val_images": sorted(val),
                "epochs": result.epochs, "metrics": result.metrics, "history": result.history,
                "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
