@@ -106,4 +106,5 @@ class InferenceWriter:
                        _as_array(pred["tissue"]) if "tissue" in pred else None)
             write_geojson(self.output_dir / f"{name}.geojson", nuclei, self.class_names, self.colours)
             if self.overlays:
-                write_png(self.output_dir / f"{name}_overlay.png", overlay(read_image(sample["path"]), nuclei, self.colours))
+                drawn = overlay(read_image(sample["path"]), nuclei, self.colours)
+                write_png(self.output_dir / f"{name}_overlay.png", drawn)
