@@ -25,7 +25,7 @@ before every step; ``--jobs`` models train at once, ``--threads`` torch threads 
 
 Nothing is lost: ``--work-dir`` (default ``outputs/bench/encoders``) keeps the dataset split, each finished
 model's result (``<model>.json``) and trained weights (``<model>.pt``, with the validation file names); a rerun
-with the same settings reuses them and trains only the models still missing. ``bench/cells.py --network``
+with the same settings reuses them and trains only the models still missing. ``bench/classifier.py --network``
 reuses a trained network from there.
 
     python bench/encoders.py                                                    # 20 CPU-minutes per model
