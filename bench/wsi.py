@@ -13,11 +13,14 @@ the nearest ground-truth centroid of the periodic mosaic (kd-tree); a nucleus th
 0.01 px of it. The key (period row, period column, ground-truth id) of two written nuclei must never be equal.
 Nuclei within 64 px of the slide's right or bottom edge (cut by it) are left out of the matching.
 
-    python bench/wsi.py [--side 45056] [--workers 2] [--cache outputs/bench_wsi]
+    python bench/wsi.py [--side 45056] [--workers 2] [--gzip-level 1] [--cache outputs/bench_wsi]
 
-The seconds spent formatting and writing each table format are reported (``write_seconds``), and the bulk GeoJSON
-formatter is timed against ``json.dumps`` of each feature dict on the mosaic's nuclei (same text; the ratio is
-``geojson_format_speedup``).
+The seconds the run spent formatting and writing each table format are reported (``write_seconds``: geojson, csv,
+parquet and geojson.gz, the GeoJSON gzip-compressed at ``--gzip-level``). The whole-slide GeoJSON writer (bulk
+formatting, :func:`scripts.slides.outputs.geojson_features`) is then timed against the per-feature writer it
+replaced (``json.dumps`` of each feature dict, :func:`reference_text`, kept here only to measure the ratio) on
+as many nuclei as the run wrote: the mosaic's nuclei repeated across the slide, one block per period as the parts
+are, both written to a file. The two files must be byte-identical; the ratio is ``geojson_write_speedup``.
 
 The last line of stdout is ``{"cells", "duplicates", "unmatched", "peak_rss_gb", "tiles_per_s", "cells_per_s", ...}``.
 CellViT's own pipeline is reported to need 120 GB of RAM for 914k cells; the target here is 2 GB.
@@ -26,6 +29,7 @@ CellViT's own pipeline is reported to need 120 GB of RAM for 914k cells; the tar
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -81,7 +85,7 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_child(slide: Path, gt: Path, out: Path, workers: int) -> None:
+def run_child(slide: Path, gt: Path, out: Path, workers: int, gzip_level: int) -> None:
     """The measured process: whole-slide inference with the ground-truth oracle."""
     sys.path[:0] = [str(REPO), str(REPO / "bundles" / "cellvta")]
     from scripts.slides.wsi import WSISettings, postprocess_pool, run_slide
@@ -90,7 +94,7 @@ def run_child(slide: Path, gt: Path, out: Path, workers: int) -> None:
     with np.load(gt) as data:
         predictor = GroundTruthPredictor(data["inst"], data["types"], len(CLASSES), periodic=True)
     pool = postprocess_pool(workers)
-    settings = WSISettings(postprocess_workers=workers, batch_size=16, chunk_tiles=256)
+    settings = WSISettings(postprocess_workers=workers, batch_size=16, chunk_tiles=256, geojson_gzip=gzip_level)
     started = time.perf_counter()
     summary = run_slide(slide, out, predictor, CLASSES, settings, predictor_id="ground-truth", pool=pool)
     summary["wall_seconds"] = time.perf_counter() - started
@@ -133,44 +137,74 @@ def _csv_blocks(path: Path, rows: int = 200_000):
             yield np.array([[float(v) for v in line.split(",")[1:3]] for line in lines])
 
 
-def geojson_speedup(inst: np.ndarray, types: np.ndarray, copies: int = 20) -> dict[str, float]:
-    """Seconds to format the mosaic's nuclei (repeated ``copies`` times) as GeoJSON features: the bulk formatter
-    of the whole-slide writer against ``json.dumps`` of each feature dict (the per-feature way), same text."""
-    from scripts.inference.writers import PALETTE, closed_rings, detection_feature
+def reference_text(rings: list[np.ndarray], ids: np.ndarray, types: np.ndarray, probability: np.ndarray,
+                   area: np.ndarray) -> str:
+    """The per-feature GeoJSON formatting the bulk formatter replaced: a feature dict per nucleus, ``json.dumps`` of
+    each, joined by ``",\\n"``."""
+    from scripts.inference.writers import detection_feature
+
+    return ",\n".join(json.dumps(detection_feature(r, int(t), CLASSES, {
+        "cell_id": int(i), "type_probability": round(float(p), 4), "area_um2": round(float(a), 2)}),
+        separators=(",", ":")) for r, i, t, p, a in zip(rings, ids, types, probability, area))
+
+
+def geojson_speedup(inst: np.ndarray, types: np.ndarray, features: int, folder: Path) -> dict[str, float]:
+    """Seconds per million nuclei to format and write GeoJSON, the whole-slide writer against the per-feature one,
+    on about ``features`` nuclei: the mosaic's, repeated across the slide period by period (one block each)."""
+    from scripts.inference.writers import PALETTE, closed_rings
     from scripts.nuclei.postprocess import nuclei_from_instance_map
-    from scripts.slides.outputs import geojson_features
+    from scripts.slides.outputs import GeoJSONStream, geojson_features
 
     nuclei = nuclei_from_instance_map(np.unique(inst, return_inverse=True)[1].reshape(inst.shape).astype(np.int32))
     lengths = [len(c) for c in nuclei.contours]
-    rings = closed_rings(np.concatenate(nuclei.contours), np.concatenate([[0], np.cumsum(lengths)])) * copies
-    n = len(rings)
-    ids, cls = np.arange(1, n + 1), np.tile(types[tuple(np.floor(nuclei.centroids[:, ::-1]).astype(int).T)], copies)
-    prob, area = np.tile(nuclei.type_probs, copies), np.tile(np.array(lengths, float), copies)
-    started = time.perf_counter()
-    bulk = geojson_features(rings, ids, cls, prob, area, CLASSES, np.array(PALETTE))
-    bulk_s = time.perf_counter() - started
-    started = time.perf_counter()
-    single = [json.dumps(detection_feature(r, int(t), CLASSES, {"cell_id": int(i),
-                                                               "type_probability": round(float(p), 4),
-                                                               "area_um2": round(float(a), 2)}),
-                         separators=(",", ":")) for r, i, t, p, a in zip(rings, ids, cls, prob, area)]
-    single_s = time.perf_counter() - started
-    if bulk != single:
-        raise SystemExit("the bulk GeoJSON formatter disagrees with json.dumps")
-    return {"geojson_format_features": n, "geojson_format_s_per_million": round(bulk_s / n * 1e6, 1),
-            "json_dumps_s_per_million": round(single_s / n * 1e6, 1),
-            "geojson_format_speedup": round(single_s / bulk_s, 2)}
+    xy, start = np.concatenate(nuclei.contours), np.concatenate([[0], np.cumsum(lengths)])
+    cls = types[tuple(np.floor(nuclei.centroids[:, ::-1]).astype(int).T)]
+    copies = max(1, round(features / len(lengths)))
+    side = int(np.ceil(np.sqrt(copies)))
+
+    def blocks():
+        """``(rings, ids, types, probability, area_um2)`` of each period."""
+        for k in range(copies):
+            rings = closed_rings(xy, start, offset=(PERIOD * (k % side), PERIOD * (k // side)))
+            yield (rings, np.arange(1, len(rings) + 1) + k * len(rings), cls, nuclei.type_probs,
+                   np.array(lengths) * 0.0625)
+
+    clock = time.perf_counter
+    bulk_s = reference_s = 0.0
+    stream = GeoJSONStream(folder / "bulk.geojson")
+    for block in blocks():
+        started = clock()
+        stream.write(geojson_features(*block, CLASSES, np.array(PALETTE)))
+        bulk_s += clock() - started
+    stream.close()
+    with open(folder / "reference.geojson", "w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", "features": [\n')
+        for k, block in enumerate(blocks()):
+            started = clock()
+            text = reference_text(*block)
+            f.write(text if k == 0 else ",\n" + text)
+            reference_s += clock() - started
+        f.write("\n]}\n")
+    if not filecmp.cmp(folder / "bulk.geojson", folder / "reference.geojson", shallow=False):
+        raise SystemExit("the whole-slide GeoJSON writer disagrees with the per-feature writer")
+    for name in ("bulk.geojson", "reference.geojson"):
+        (folder / name).unlink()
+    n = copies * len(lengths)
+    return {"geojson_write_features": n, "geojson_write_s_per_million": round(bulk_s / n * 1e6, 1),
+            "reference_write_s_per_million": round(reference_s / n * 1e6, 1),
+            "geojson_write_speedup": round(reference_s / bulk_s, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--side", type=int, default=45056)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--gzip-level", type=int, default=1, help="zlib level of <slide>.geojson.gz")
     parser.add_argument("--cache", type=Path, default=REPO / "outputs" / "bench_wsi")
     parser.add_argument("--child", nargs=3, metavar=("SLIDE", "GT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_child(*(Path(p) for p in args.child), args.workers)
+        run_child(*(Path(p) for p in args.child), args.workers, args.gzip_level)
         return
 
     sys.path[:0] = [str(REPO), str(REPO / "bundles" / "cellvta")]
@@ -187,7 +221,8 @@ def main() -> None:
     np.savez(gt, inst=inst, types=types)
     out = args.cache / "run"
     shutil.rmtree(out, ignore_errors=True)
-    child = subprocess.Popen([sys.executable, __file__, "--workers", str(args.workers),
+    child = subprocess.Popen([sys.executable, __file__, "--workers", str(args.workers), "--gzip-level",
+                              str(args.gzip_level),
                               "--child", str(slide), str(gt), str(out)])
     peak = 0
     while child.poll() is None:
@@ -205,7 +240,8 @@ def main() -> None:
         "tiles": summary["tiles"], "wall_s": round(wall, 1), "slide_px": args.side, "workers": args.workers,
         "geojson_gb": round((out / f"{stem}.geojson").stat().st_size / 2**30, 3),
         "parquet_gb": round((out / f"{stem}.parquet").stat().st_size / 2**30, 3),
-        "write_seconds": summary["write_seconds"], **geojson_speedup(inst, types),
+        "geojson_gz_gb": round((out / f"{stem}.geojson.gz").stat().st_size / 2**30, 3), "gzip_level": args.gzip_level,
+        "write_seconds": summary["write_seconds"], **geojson_speedup(inst, types, cells, out),
     })
 
 
