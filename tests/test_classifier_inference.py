@@ -51,7 +51,7 @@ def model_dir(dataset, tmp_path_factory) -> Path:
     covers the tile and the random HV maps split it into nuclei) and the dataset's class table."""
     root = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(0)
-    network = _parser(["common.yaml", "inference.yaml"], dataset_dir=str(dataset)).get_parsed_content("network_def")
+    network = _parser(["common.yaml"], dataset_dir=str(dataset)).get_parsed_content("network_def")
     with torch.no_grad():
         network.decoder.branches["nuclei_binary_map"].decoder0_header[-1].bias[1] += 0.3
     (root / "models").mkdir()
@@ -197,7 +197,7 @@ def test_inference_workflow_writes_the_classifier_classes(model_dir, dataset, ne
     used = {tuple(NEW_CLASSES.colours[int(p.argmax())]) for p in probs}
     assert used <= {tuple(c) for c in drawn[(drawn != image).any(-1)]}
 
-    other = _parser(["common.yaml", "inference.yaml"], dataset_dir=str(dataset)).get_parsed_content("network_def")
+    other = _parser(["common.yaml"], dataset_dir=str(dataset)).get_parsed_content("network_def")
     foreign = _classifier(tmp_path / "foreign.pt", other, "vit")
     with pytest.raises(RuntimeError) as err:
         _run_inference(model_dir, dataset, images, tmp_path / "refused", classifier=str(foreign))
