@@ -230,6 +230,28 @@ def test_app_settings_are_checked_naming_the_config_file():
         AppSettings.from_mapping({"maps": "png"}, "app.yaml")
     with pytest.raises(ValueError, match="app.yaml: 'cellvta.overlays' must be true or false, got 'yes'"):
         AppSettings.from_mapping({"overlays": "yes"}, "app.yaml")
+    with pytest.raises(ValueError, match="app.yaml: 'cellvta.stain_normalization' must be true or false, got 'on'"):
+        AppSettings.from_mapping({"stain_normalization": "on"}, "app.yaml")
+    with pytest.raises(ValueError, match=r"app.yaml: 'cellvta.stain_vectors' must be 3 x 2 numbers or null"):
+        AppSettings.from_mapping({"stain_vectors": [0.5, 0.7, 0.4]}, "app.yaml")
+    with pytest.raises(ValueError, match=r"app.yaml: 'cellvta.stain_max_concentrations' must be 2 numbers or null"):
+        AppSettings.from_mapping({"stain_max_concentrations": [1.0, "x"]}, "app.yaml")
+    with pytest.raises(ValueError, match="app.yaml: 'cellvta.classifier' must be a file path or null, got 3"):
+        AppSettings.from_mapping({"classifier": 3}, "app.yaml")
+
+
+def test_app_settings_set_the_inference_configs_keys_with_paths_in_the_model_folder(tmp_path):
+    settings = AppSettings.from_mapping({"stain_normalization": True, "stain_reference": "reference.png",
+                                         "stain_max_concentrations": [1.5, 1]}, "app.yaml")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'reference.png'}: stain reference image not found "
+                                                r"\('cellvta.stain_reference', relative to the model folder\)"):
+        settings.config_overrides(tmp_path)
+    (tmp_path / "reference.png").write_bytes(b"")
+    assert settings.config_overrides(tmp_path) == {
+        "stain_normalization": True, "stain_reference": str(tmp_path / "reference.png"), "stain_vectors": None,
+        "stain_max_concentrations": [1.5, 1.0]}
+    assert AppSettings().config_overrides(tmp_path) == {"stain_normalization": False, "stain_vectors": None,
+                                                        "stain_max_concentrations": None}
 
 
 def test_tiff_maps_hold_the_instance_and_type_maps(consep, tmp_path):
@@ -314,6 +336,101 @@ def probe_model(consep, tmp_path_factory) -> Path:
     return _save_model(tmp_path_factory.mktemp("models") / "cellvta", network, NETWORK)
 
 
+def test_stain_normalisation_gives_the_nuclei_of_the_image_normalised_first(consep, probe_model):
+    from scripts.data.stain import MacenkoNormalizer
+
+    image = _crop(consep, TILE_B)
+    # the target: the tile's own stains with 10% less of each (the linear-probe heads only see nuclei in stains
+    # close to those they were fitted on)
+    stains, concentrations = MacenkoNormalizer().estimate(image)
+    settings = AppSettings.from_mapping({"stain_normalization": True, "stain_vectors": stains.tolist(),
+                                         "stain_max_concentrations": (0.9 * concentrations).tolist()}, "app.yaml")
+    normalised = load_pipeline(BUNDLE, probe_model, settings.config_overrides(probe_model))
+    plain = load_pipeline(BUNDLE, probe_model)
+    by_hand = MacenkoNormalizer(stains, 0.9 * concentrations)(image)
+    assert np.abs(by_hand.astype(int) - image).mean() > 5
+    ours, theirs, original = normalised(image), plain(by_hand), plain(image)
+    assert np.array_equal(ours.inst_map, theirs.inst_map) and np.array_equal(ours.type_map, theirs.type_map)
+    assert np.array_equal(ours.nuclei.type_probs, theirs.nuclei.type_probs)
+    assert ours.inst_map.max() >= 5 and not np.array_equal(ours.inst_map, original.inst_map)
+
+
+# the cell classifier's own classes (not the network's), with their colours: tiles A and B hold epithelial nuclei
+# only, so the new classes split them by area (below or above the median of the ground-truth nuclei of both)
+CELL_CLASSES = {"small": [200, 30, 30], "large": [30, 30, 200]}
+
+
+def size_types(inst_map: np.ndarray, median_area: float) -> np.ndarray:
+    """A type map of the nuclei of ``inst_map``: 1 (small) below ``median_area`` pixels, else 2 (large)."""
+    areas = np.bincount(inst_map.ravel())
+    return np.where(inst_map > 0, np.where(areas[inst_map] < median_area, 1, 2), 0).astype(np.uint8)
+
+
+def median_area(consep) -> float:
+    """The median area in pixels of the ground-truth nuclei of tiles A and B."""
+    areas = [np.bincount(consep["inst_map"][i, :h, :w].ravel())[1:] for i, h, w in (TILE_A, TILE_B)]
+    areas = np.concatenate(areas)
+    return float(np.median(areas[areas > 0]))
+
+
+def _train_classifier(consep, network_dir: Path, path: Path, fingerprint: str | None = None) -> Path:
+    """A logistic-regression classifier on the ``decoder`` embeddings of the ground-truth nuclei of tiles A and B
+    (:data:`CELL_CLASSES` by area), for the network of ``network_dir`` (``fingerprint`` another network's, to test
+    the refusal)."""
+    from scripts.cells.classifier import save_classifier, train_classifier
+    from scripts.cells.embeddings import CellEmbedder
+    from scripts.cells.labels import ClassTable
+    from scripts.data.datasets import instance_types, relabel_sequential
+
+    network = CellVTA(num_nuclei_classes=len(CLASSES), num_tissue_classes=1, freeze="full", **{
+        k: v for k, v in NETWORK.items() if k != "patch_size"})
+    network.load_state_dict(torch.load(network_dir / "model.pt", weights_only=True))
+    x, y = [], []
+    with CellEmbedder(network.eval(), "decoder") as embedder:
+        for i, h, w in (TILE_A, TILE_B):
+            inst = relabel_sequential(consep["inst_map"][i, :h, :w])
+            cells = embedder(_crop(consep, (i, h, w)), inst)
+            ids, types = instance_types(inst, size_types(inst, median_area(consep)), 3)
+            by_id = dict(zip(ids.tolist(), types.tolist()))
+            x.append(cells.embeddings)
+            y += [by_id[int(k)] - 1 for k in cells.ids]
+            fingerprint = fingerprint or embedder.fingerprint
+    trained = train_classifier(np.concatenate(x), np.array(y), list(CELL_CLASSES), epochs=100, seed=0)
+    table = ClassTable(list(CELL_CLASSES), [tuple(c) for c in CELL_CLASSES.values()])
+    return save_classifier(path, trained.model, table, "decoder", fingerprint)
+
+
+def test_a_cell_classifier_types_every_nucleus_with_its_softmax(consep, probe_model, tmp_path):
+    from scripts.cells.classifier import load_classifier, predict
+    from scripts.cells.embeddings import CellEmbedder
+
+    _train_classifier(consep, probe_model, tmp_path / "classifier.pt")
+    settings = AppSettings.from_mapping({"classifier": str(tmp_path / "classifier.pt")}, "app.yaml")
+    classified = load_pipeline(BUNDLE, probe_model, settings.config_overrides(probe_model))
+    assert classified.class_names == ["background", *CELL_CLASSES]
+    assert [list(c) for c in classified.colours[1:]] == list(CELL_CLASSES.values())
+    image = _crop(consep, TILE_A)  # one window: the stitched map is the network's map of the whole tile
+    ours, plain = classified(image), load_pipeline(BUNDLE, probe_model)(image)
+    assert np.array_equal(ours.inst_map, plain.inst_map) and len(ours.nuclei) >= 3  # the same nuclei
+    # by hand: the decoder embedding of each nucleus, the classifier's softmax
+    model, _, _ = load_classifier(tmp_path / "classifier.pt")
+    with CellEmbedder(classified.network.network, "decoder") as embedder:
+        cells = embedder(image, ours.inst_map)
+    probs = predict(model, cells.embeddings)
+    assert cells.ids.tolist() == ours.nuclei.ids.tolist()
+    assert ours.nuclei.types.tolist() == (probs.argmax(1) + 1).tolist()
+    np.testing.assert_allclose(ours.nuclei.type_probs, probs.max(1), atol=1e-4)
+    assert len(set(ours.nuclei.types.tolist())) >= 2
+    assert np.array_equal(ours.type_map, ours.nuclei.type_map(ours.inst_map))
+
+
+def test_a_classifier_of_another_network_is_refused_naming_the_file(consep, probe_model, tmp_path):
+    path = _train_classifier(consep, probe_model, tmp_path / "other.pt", fingerprint="0123456789abcdef")
+    overrides = AppSettings.from_mapping({"classifier": str(path)}, "app.yaml").config_overrides(probe_model)
+    with pytest.raises(ValueError, match=f"^{path}: trained on the embeddings of another model"):
+        load_pipeline(BUNDLE, probe_model, overrides)
+
+
 def _app_command(app: Path, *args: str) -> list[str]:
     return [sys.executable, str(app), *args]
 
@@ -364,6 +481,26 @@ def runs(consep, probe_model, tmp_path_factory) -> dict[str, Path | subprocess.C
     (broken_in / "edge.json").write_text(json.dumps({"slide": "slide.tif", "location": [200, 0], "size": [128, 128]}))
     (broken_in / "typo.json").write_text(json.dumps({"slide": "slide.tif", "locaton": [0, 0], "size": [64, 64]}))
     staged, map_env = _map_environment(root, probe_model)
+    # a model folder with a cell classifier, and a config that uses it and normalises stains
+    cells_in, cells_model = root / "cells_in", root / "cells_model"
+    cells_in.mkdir()
+    _write_png(cells_in / "a.png", _crop(consep, TILE_A))
+    cells_model.mkdir()
+    for f in probe_model.iterdir():
+        (cells_model / f.name).write_bytes(f.read_bytes())
+    _train_classifier(consep, cells_model, cells_model / "classifier.pt")
+    cells_config = root / "cells_config.yaml"
+    # the target stains: tile A's own with 10% less of each (the probe heads see nuclei only in stains close to
+    # those they were fitted on)
+    from scripts.data.stain import MacenkoNormalizer
+
+    vectors, concentrations = MacenkoNormalizer().estimate(_crop(consep, TILE_A))
+    cells_config.write_text((APP_DIR / "app.yaml").read_text().replace(
+        "classifier: null", "classifier: classifier.pt").replace(
+        "stain_normalization: false", "stain_normalization: true").replace(
+        "stain_vectors: null", f"stain_vectors: {vectors.tolist()}").replace(
+        "stain_max_concentrations: null", f"stain_max_concentrations: {(0.9 * concentrations).tolist()}"))
+    cells_env = {**os.environ, "HOLOSCAN_CONFIG_PATH": str(cells_config)}
 
     processes = {
         "workflow": _popen([sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file",
@@ -375,12 +512,15 @@ def runs(consep, probe_model, tmp_path_factory) -> dict[str, Path | subprocess.C
         "map": _popen(_app_command(staged), cwd=root, env=map_env),
         "broken": _popen(_app_command(APP_DIR, "-i", str(broken_in), "-o", str(root / "broken_out"),
                                       "-m", str(probe_model)), cwd=root),
+        "cells": _popen(_app_command(APP_DIR, "-i", str(cells_in), "-o", str(root / "cells_out"),
+                                     "-m", str(cells_model)), cwd=root, env=cells_env),
     }
     logs = {name: process.communicate(timeout=1800)[0] for name, process in processes.items()}
-    for name in ("workflow", "app", "map"):
+    for name in ("workflow", "app", "map", "cells"):
         assert processes[name].returncode == 0, f"{name} run failed:\n{logs[name][-6000:]}"
     return {"app": root / "app_out", "workflow": root / "workflow_out", "map": root / "map_output", "staged": staged,
-            "broken_in": broken_in, "broken_out": root / "broken_out",
+            "broken_in": broken_in, "broken_out": root / "broken_out", "cells": root / "cells_out",
+            "cells_model": cells_model, "cells_config": cells_config,
             "broken": subprocess.CompletedProcess(processes["broken"].args, processes["broken"].returncode,
                                                   logs["broken"])}
 
@@ -403,6 +543,26 @@ def test_the_app_finds_the_nuclei_of_the_bundle_inference_workflow(runs):
     assert found >= 8
     assert sorted(p.name for p in app.iterdir()) == sorted(
         f"{n}{s}" for n in ("a", "b", "region", "region_openslide") for s in (".geojson", ".npz", "_overlay.png"))
+
+
+@pytest.mark.slow
+@needs_sdk
+def test_the_app_config_adds_the_cell_classifier_and_stain_normalisation(consep, runs):
+    import yaml
+
+    section = yaml.safe_load(runs["cells_config"].read_text())["cellvta"]
+    settings = AppSettings.from_mapping(section, str(runs["cells_config"]))
+    assert settings.classifier == "classifier.pt" and settings.stain_normalization
+    expected = load_pipeline(BUNDLE, runs["cells_model"], settings.config_overrides(runs["cells_model"]))(
+        _crop(consep, TILE_A))
+    maps = np.load(runs["cells"] / "a.npz")
+    assert np.array_equal(maps["inst_map"], expected.inst_map) and np.array_equal(maps["type_map"], expected.type_map)
+    features = _features(runs["cells"] / "a.geojson")
+    assert len(features) == len(expected.nuclei) >= 3
+    for feature, cls, prob in zip(features, expected.nuclei.types, expected.nuclei.type_probs, strict=True):
+        name = list(CELL_CLASSES)[cls - 1]
+        assert feature["properties"]["classification"] == {"name": name, "color": CELL_CLASSES[name]}
+        assert feature["properties"]["measurements"]["type_probability"] == round(float(prob), 4)
 
 
 @pytest.mark.slow

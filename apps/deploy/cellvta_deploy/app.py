@@ -46,7 +46,8 @@ class CellVTADeployApp(Application):
         section = self.kwargs(SECTION) if SECTION in self.config_keys() else {}
         settings = AppSettings.from_mapping(section, str(self.config_path))
         items = scan_inputs(Path(context.input_path))
-        pipeline = load_pipeline(self.bundle_dir, find_model_dir(Path(model_path)))
+        model_dir = find_model_dir(Path(model_path))
+        pipeline = load_pipeline(self.bundle_dir, model_dir, settings.config_overrides(model_dir))
         logger.info("%d input(s) from %s on %s; outputs to %s", len(items), context.input_path, pipeline.device,
                     context.output_path)
 
@@ -54,6 +55,7 @@ class CellVTADeployApp(Application):
                                      magnification=pipeline.magnification, name="loader")
         inference = CellVTAInferenceOperator(self, pipeline=pipeline, name="inference")
         writer = NucleiWriterOperator(self, output_dir=Path(context.output_path), class_names=pipeline.class_names,
+                                      colours=pipeline.colours,
                                       maps=settings.maps, overlays=settings.overlays, name="writer")
         self.writer = writer
         self.add_flow(loader, inference, {("image", "image")})

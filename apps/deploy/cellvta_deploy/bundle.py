@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,8 @@ class CellVTAPipeline:
         network: the network restricted to its maps (``scripts.model.spatial_outputs.SpatialOutputs``), in eval mode on ``device``.
         inferer: sliding-window inferer, ``(1, 3, H, W)`` -> dict of ``(1, C, H, W)`` maps.
         postprocessing: dict transform on ``{"pred": maps}`` adding ``inst_map``, ``type_map`` and ``nuclei``.
-        class_names: class names, background first.
+        class_names: class names of the nuclei, background first (a cell classifier's when one is given).
+        colours: their RGB colours (a cell classifier's), or None: the bundle's palette.
         magnification: objective magnification the network expects (40 means 0.25 µm per pixel).
         device: where the network runs.
         amp: run the network under autocast (the config's ``amp``, true on CUDA).
@@ -132,6 +133,7 @@ class CellVTAPipeline:
     inferer: Inferer
     postprocessing: Callable[[dict], dict]
     class_names: list[str]
+    colours: list[tuple[int, ...]] | None
     magnification: int
     device: torch.device
     amp: bool
@@ -150,18 +152,20 @@ class CellVTAPipeline:
         )
 
 
-def load_pipeline(bundle_dir: Path, model_dir: Path) -> CellVTAPipeline:
+def load_pipeline(bundle_dir: Path, model_dir: Path, settings: Mapping[str, Any] | None = None) -> CellVTAPipeline:
     """Parse ``configs/inference.yaml`` of ``bundle_dir`` for the model in ``model_dir`` and build its objects.
 
     The network is built by the config's ``network_def`` with ``checkpoint`` set to ``<model_dir>/model.pt``
     (loaded strictly: a checkpoint of another architecture fails naming the keys), class names come from
-    ``<model_dir>/dataset.json`` and ``<model_dir>/overrides.json`` overrides config keys.
+    ``<model_dir>/dataset.json`` and ``<model_dir>/overrides.json`` overrides config keys; ``settings`` sets the
+    app's keys of the inference config (stain normalisation, classifier: ``AppSettings.config_overrides``).
 
     Call :func:`use_bundle` first: the config imports the bundle's ``scripts`` package.
 
     Raises:
         FileNotFoundError: ``model.pt`` or ``dataset.json`` is missing.
-        ValueError: the checkpoint does not fit the configured network (the keys or shapes that differ, named).
+        ValueError: the checkpoint does not fit the configured network (the keys or shapes that differ, named), or
+            the classifier was trained on another network's embeddings (naming its file).
     """
     bundle_dir, model_dir = Path(bundle_dir).resolve(), Path(model_dir).resolve()
     for name in (MODEL_FILE, CLASS_TABLE):
@@ -175,7 +179,7 @@ def load_pipeline(bundle_dir: Path, model_dir: Path) -> CellVTAPipeline:
     overrides = read_overrides(model_dir)
     parser.update(overrides)
     parser.update({"bundle_root": str(bundle_dir), "model_dir": str(model_dir),
-                   "checkpoint": str(model_dir / MODEL_FILE)})
+                   "checkpoint": str(model_dir / MODEL_FILE), **(settings or {})})
     parser.parse()
     parser.get_parsed_content("initialize")
     try:
@@ -184,6 +188,9 @@ def load_pipeline(bundle_dir: Path, model_dir: Path) -> CellVTAPipeline:
         if not isinstance(err.__cause__, (KeyError, ValueError)):
             raise
         reason = err.__cause__.args[0] if err.__cause__.args else err.__cause__
+        classifier = (settings or {}).get("classifier")
+        if classifier and str(reason).startswith(str(classifier)):  # a classifier of another network's embeddings
+            raise ValueError(reason) from err
         raise ValueError(f"{model_dir / MODEL_FILE} does not fit the network of {INFERENCE_CONFIG} with "
                          f"overrides {overrides}: {reason}") from err
     return CellVTAPipeline(
@@ -191,7 +198,8 @@ def load_pipeline(bundle_dir: Path, model_dir: Path) -> CellVTAPipeline:
         network=network,
         inferer=parser.get_parsed_content("inferer"),
         postprocessing=parser.get_parsed_content("postprocessing"),
-        class_names=list(parser.get_parsed_content("classes")),
+        class_names=list(parser.get_parsed_content("output_classes")),
+        colours=parser.get_parsed_content("output_colours"),
         magnification=int(parser.get_parsed_content("magnification")),
         device=parser.get_parsed_content("device"),
         amp=bool(parser.get_parsed_content("amp")),

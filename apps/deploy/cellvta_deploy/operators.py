@@ -85,14 +85,16 @@ class NucleiWriterOperator(Operator):
         fragment: the application.
         output_dir: output folder.
         class_names: class names, background first.
+        colours: their RGB colours, or None: the bundle's palette.
         maps: ``npz`` or ``tiff``.
         overlays: also write ``<name>_overlay.png``.
     """
 
     def __init__(self, fragment: Fragment, *args, output_dir: Path, class_names: list[str], maps: str,
-                 overlays: bool, **kwargs) -> None:
+                 overlays: bool, colours: list[tuple[int, ...]] | None = None, **kwargs) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
+        self.colours = colours
         self.maps = maps
         self.overlays = overlays
         self.done: list[str] = []
@@ -109,7 +111,7 @@ class NucleiWriterOperator(Operator):
             self.failures.append({"input": str(loaded.source), "error": loaded.error})
             self._write_failures()
             return
-        write_outputs(self.output_dir, loaded, prediction, self.class_names, self.maps, self.overlays)
+        write_outputs(self.output_dir, loaded, prediction, self.class_names, self.maps, self.overlays, self.colours)
         self.done.append(str(loaded.source))
         logger.info("%s: %d nuclei -> %s", loaded.source, len(prediction.nuclei), self.output_dir)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from scripts.files import atomic_path, write_text_atomic
-from scripts.inference.writers import nuclei_features, overlay, write_maps, write_png
+from scripts.inference.writers import Colours, nuclei_features, overlay, write_maps, write_png
 
 from .bundle import NucleiPrediction
 from .inputs import LoadedImage
@@ -26,9 +26,10 @@ MAP_FORMATS = ("npz", "tiff")
 
 
 def write_geojson(path: Path, prediction: NucleiPrediction, class_names: list[str], origin: tuple[float, float],
-                  downsample: float) -> None:
-    """The nuclei as a GeoJSON FeatureCollection, image coordinates mapped by ``x * downsample + origin``."""
-    features = nuclei_features(prediction.nuclei, class_names, offset=origin, scale=downsample)
+                  downsample: float, colours: Colours = None) -> None:
+    """The nuclei as a GeoJSON FeatureCollection, image coordinates mapped by ``x * downsample + origin``, in the
+    class ``colours`` (background first; None: the bundle's palette)."""
+    features = nuclei_features(prediction.nuclei, class_names, offset=origin, scale=downsample, colours=colours)
     write_text_atomic(path, json.dumps({"type": "FeatureCollection", "features": features}))
 
 
@@ -40,11 +41,12 @@ def write_maps_tiff(path: Path, inst_map: np.ndarray, type_map: np.ndarray) -> N
 
 
 def write_outputs(output_dir: Path, loaded: LoadedImage, prediction: NucleiPrediction, class_names: list[str],
-                  maps_format: str = "npz", overlays: bool = True) -> list[Path]:
-    """Write the outputs of one image into ``output_dir`` and return their paths (``maps_format``: npz or tiff)."""
+                  maps_format: str = "npz", overlays: bool = True, colours: Colours = None) -> list[Path]:
+    """Write the outputs of one image into ``output_dir`` and return their paths (``maps_format``: npz or tiff;
+    ``colours``: the class colours, background first, or None for the bundle's palette)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     geojson = output_dir / f"{loaded.name}.geojson"
-    write_geojson(geojson, prediction, class_names, loaded.origin, loaded.downsample)
+    write_geojson(geojson, prediction, class_names, loaded.origin, loaded.downsample, colours)
     if maps_format == "npz":
         maps = output_dir / f"{loaded.name}.npz"
         write_maps(maps, prediction.inst_map, prediction.type_map)
@@ -54,5 +56,5 @@ def write_outputs(output_dir: Path, loaded: LoadedImage, prediction: NucleiPredi
     written = [geojson, maps]
     if overlays:
         written.append(output_dir / f"{loaded.name}_overlay.png")
-        write_png(written[-1], overlay(loaded.image, prediction.nuclei))
+        write_png(written[-1], overlay(loaded.image, prediction.nuclei, colours))
     return written
