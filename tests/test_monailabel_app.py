@@ -478,7 +478,7 @@ def test_info_describes_the_served_model_and_the_strategies(server):
     assert model["labels"] == {name: i for i, name in enumerate(CONSEP_CLASSES) if i}
     assert model["pathology"] is True and model["config"]["margin"] == 16
     assert set(info["strategies"]) == {"random", "epistemic_tta", "epistemic_mc_dropout"}
-    assert set(info["trainers"]) == {"cellvta"}
+    assert set(info["trainers"]) == {"cellvta", "cellvta_classifier"}
     assert info["trainers"]["cellvta"]["config"]["epochs"] == 10
     assert info["datastore"]["total"] == 4
 

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from cellvta_label.bundle import BundleModel
+from cellvta_label.classifier import CellClassifierTrain
 from cellvta_label.config import WSI_CONFIG, AppConfig
 from cellvta_label.guards import SafeDatastore, check_name, is_upload, public_message
 from cellvta_label.infer import CellVTAInfer
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 class CellVTAApp(MONAILabelApp):
     """The app. Settings come from ``--conf key value`` (see ``cellvta_label.config.AppConfig``): ``bundle``,
     ``model_dir``, ``work_dir``, ``overrides`` (JSON), ``model_name``, ``margin``, ``max_side``,
-    ``uncertainty_samples``, ``progress_every``."""
+    ``uncertainty_samples``, ``progress_every``, ``classifier``, ``stain_normalization``, ``stain_reference``,
+    ``stain_vectors``, ``stain_max_concentrations``."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.app_config = AppConfig.from_conf(app_dir, conf)
@@ -52,7 +54,9 @@ class CellVTAApp(MONAILabelApp):
         return {self.app_config.model_name: infer}
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        return {self.app_config.model_name: CellVTATrain(self.model, self.app_config)}
+        name = self.app_config.model_name
+        return {name: CellVTATrain(self.model, self.app_config),
+                f"{name}_classifier": CellClassifierTrain(self.model, self.app_config)}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {

@@ -39,8 +39,10 @@ def _to_image(points: np.ndarray, region: Region) -> list[list[float]] | list[li
     return np.round(mapped, 2).tolist()
 
 
-def monai_label_annotation(nuclei, region: Region, class_names: Sequence[str]) -> dict:
-    """The ``annotation`` MONAI Label's ASAP/DSA writers read: one element per class with a contour per nucleus.
+def monai_label_annotation(nuclei, region: Region, class_names: Sequence[str],
+                           colours: Sequence[Sequence[int]] | None = None) -> dict:
+    """The ``annotation`` MONAI Label's ASAP/DSA writers read: one element per class with a contour per nucleus
+    (class colours: ``colours``, background first, or the bundle's palette).
 
     Returns:
         ``{"location", "size", "elements": [{"label", "contours"}], "labels": {name: [r, g, b]}}`` in level-0
@@ -58,14 +60,15 @@ def monai_label_annotation(nuclei, region: Region, class_names: Sequence[str]) -
                      round(region.origin[1] + top * region.downsample)],
         "size": [width, height],
         "elements": [{"label": names[cls], "contours": elements[cls]} for cls in sorted(elements)],
-        "labels": {names[cls]: list(class_color(cls)) for cls in sorted(elements)},
+        "labels": {names[cls]: list(class_color(cls, colours)) for cls in sorted(elements)},
     }
 
 
-def geojson(nuclei, region: Region, class_names: Sequence[str]) -> dict:
+def geojson(nuclei, region: Region, class_names: Sequence[str], colours: Sequence[Sequence[int]] | None = None
+            ) -> dict:
     """The nuclei as the bundle's QuPath GeoJSON FeatureCollection (``scripts.inference.writers.nuclei_features``), in
     level-0 image coordinates."""
     from scripts.inference.writers import nuclei_features
 
-    features = nuclei_features(nuclei, class_names, offset=region.origin, scale=region.downsample)
+    features = nuclei_features(nuclei, class_names, offset=region.origin, scale=region.downsample, colours=colours)
     return {"type": "FeatureCollection", "features": features}

@@ -12,6 +12,11 @@ from typing import Any
 INFERENCE_WORKFLOW = "inferring"
 TRAIN_WORKFLOW = "training"
 WSI_CONFIG = Path("configs") / "wsi_inference.yaml"
+# the configs of the bundle's cell classifier (embedding source, training defaults)
+CLASSIFIER_CONFIGS = ("common.yaml", "classifier.yaml")
+CLASSIFIER_FILE = "classifier.pt"
+# stain normalisation keys of configs/inference.yaml (the same as configs/wsi_inference.yaml's)
+STAIN_KEYS = ("stain_normalization", "stain_reference", "stain_vectors", "stain_max_concentrations")
 
 
 def _json_object(conf: Mapping[str, str], key: str) -> dict[str, Any]:
@@ -40,6 +45,41 @@ def _positive_int(conf: Mapping[str, str], key: str, default: int) -> int:
     return value
 
 
+def _stain(conf: Mapping[str, str]) -> dict[str, Any]:
+    """The stain normalisation keys given in conf (``stain_normalization`` true/false, ``stain_reference`` an image
+    path, ``stain_vectors`` and ``stain_max_concentrations`` JSON lists)."""
+    out: dict[str, Any] = {}
+    raw = conf.get("stain_normalization", "false").strip().lower()
+    if raw not in ("true", "false"):
+        raise ValueError(f"--conf stain_normalization: expected true or false, got {conf['stain_normalization']!r}")
+    out["stain_normalization"] = raw == "true"
+    if conf.get("stain_reference"):
+        reference = Path(conf["stain_reference"]).resolve()
+        if not reference.is_file():
+            raise FileNotFoundError(f"{reference}: not found (--conf stain_reference must name an RGB image)")
+        out["stain_reference"] = str(reference)
+    for key, shape in (("stain_vectors", (3, 2)), ("stain_max_concentrations", (2,))):
+        if conf.get(key):
+            try:
+                value = json.loads(conf[key])
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--conf {key}: not JSON ({err}): {conf[key]!r}") from err
+            if _shape(value) != shape:
+                raise ValueError(f"--conf {key}: expected a JSON list of shape {list(shape)}, got {conf[key]!r}")
+            out[key] = value
+    return out
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """The shape of a nested list of numbers, or None when it is not a regular one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ()
+    if not isinstance(value, list) or not value:
+        return None
+    shapes = {_shape(v) for v in value}
+    return (len(value), *shapes.pop()) if len(shapes) == 1 and None not in shapes else None
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """Where the bundle, the served model and the training runs are, and the inference settings.
@@ -57,6 +97,9 @@ class AppConfig:
         max_side: largest image side the uncertainty strategies score; larger images are scored on their centre.
         uncertainty_samples: predictions per uncertainty score.
         progress_every: sliding windows between two inference progress lines in the log (0: one line per tile).
+        classifier: the cell classifier (``classifier.pt`` of ``scripts.cells.classifier``) typing the nuclei when
+            the file exists; ``/train/<model_name>_classifier`` writes it.
+        stain: stain normalisation keys of the inference config (``STAIN_KEYS``).
     """
 
     bundle: Path
@@ -68,6 +111,8 @@ class AppConfig:
     max_side: int = 2048
     uncertainty_samples: int = 4
     progress_every: int = 16
+    classifier: Path | None = None
+    stain: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_conf(cls, app_dir: str | Path, conf: Mapping[str, str]) -> AppConfig:
@@ -78,6 +123,9 @@ class AppConfig:
                 raise FileNotFoundError(f"{bundle / needed}: not found; --conf bundle must name the CellVTA bundle")
         model_dir = Path(conf.get("model_dir") or bundle / "models").resolve()
         work_dir = Path(conf.get("work_dir") or model_dir / "label_runs").resolve()
+        classifier = Path(conf["classifier"]).resolve() if conf.get("classifier") else model_dir / CLASSIFIER_FILE
+        if conf.get("classifier") and not classifier.is_file():
+            raise FileNotFoundError(f"{classifier}: not found (--conf classifier must name a classifier.pt)")
         return cls(
             bundle=bundle,
             model_dir=model_dir,
@@ -88,4 +136,6 @@ class AppConfig:
             max_side=_positive_int(conf, "max_side", 2048),
             uncertainty_samples=_positive_int(conf, "uncertainty_samples", 4),
             progress_every=_positive_int(conf, "progress_every", 16),
+            classifier=classifier,
+            stain=_stain(conf),
         )

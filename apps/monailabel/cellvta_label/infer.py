@@ -41,7 +41,7 @@ class ProgressInferer(Inferer):
     (windows done of the image's total, seconds so far).
 
     Args:
-        inferer: the bundle's ``SlidingWindowInferer``.
+        inferer: the bundle's sliding-window inferer (``scripts.inference.windows.AlignedSlidingWindowInferer``).
         every: windows between two progress lines (0: only the final line).
         name: what the lines call the image (the request's image id and region).
     """
@@ -54,7 +54,9 @@ class ProgressInferer(Inferer):
         """``inputs``: ``(B, C, H, W)``; returns what the wrapped inferer returns."""
         size = inputs.shape[2:]
         roi = [r if r > 0 else s for r, s in zip(self.inferer.roi_size, size)]
-        total = inputs.shape[0] * window_count(size, roi, self.inferer.overlap)
+        # an inferer aligned to a grid (a cell classifier on ViT tokens) pads the image to a multiple of it
+        multiple = getattr(self.inferer, "multiple", 1)
+        total = inputs.shape[0] * window_count([-(-s // multiple) * multiple for s in size], roi, self.inferer.overlap)
         start, done = time.perf_counter(), 0
 
         def counted(windows: torch.Tensor, *a: Any, **k: Any) -> Any:
@@ -94,10 +96,12 @@ class NucleiResultd:
 
     Args:
         class_names: class names, background first.
+        colours: their RGB colours (a cell classifier's), or None: the bundle's palette.
     """
 
-    def __init__(self, class_names: Sequence[str]) -> None:
+    def __init__(self, class_names: Sequence[str], colours: Sequence[Sequence[int]] | None = None) -> None:
         self.class_names = list(class_names)
+        self.colours = colours
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
@@ -111,8 +115,8 @@ class NucleiResultd:
         type_map = np.asarray(d["pred"]["type_map"]).reshape(d["pred"]["type_map"].shape[-2:])
         d["pred"] = type_map[top:top + height, left:left + width].astype(np.uint8)
         d["result"] = {
-            "annotation": monai_label_annotation(nuclei, region, names),
-            "nuclei": geojson(nuclei, region, self.class_names),
+            "annotation": monai_label_annotation(nuclei, region, names, self.colours),
+            "nuclei": geojson(nuclei, region, self.class_names, self.colours),
             "count": len(nuclei),
         }
         return d
@@ -125,7 +129,8 @@ class CellVTAInfer(BasicInferTask):
     inference workflow writes) and the type map as a PNG label. ``/infer/wsi_v2/<model>?output=asap`` (QuPath,
     ASAP) or ``output=dsa`` (Digital Slide Archive) cuts a slide region into ``tile_size`` tiles, reads each
     with ``margin`` pixels of context, keeps the nuclei centred in the tile and returns every nucleus's
-    polygon under its class name.
+    polygon under its class name. With a cell classifier (``classifier.pt``) each nucleus's class and probability
+    are the classifier's, under its class names and colours.
 
     Args:
         model: the served bundle.
@@ -171,7 +176,7 @@ class CellVTAInfer(BasicInferTask):
         return ProgressInferer(self.model.inferer(), self.progress_every, name)
 
     def post_transforms(self, data: dict | None = None) -> Sequence[Callable]:
-        return [*self.model.postprocessing(), NucleiResultd(self.model.classes())]
+        return [*self.model.postprocessing(), NucleiResultd(self.model.output_classes(), self.model.output_colours())]
 
     def _get_network(self, device: str, data: dict | None) -> torch.nn.Module:
         return self.model.network(device)

@@ -8,6 +8,11 @@ Accepted label files (by suffix):
 * ``.geojson`` / ``.json``: a GeoJSON FeatureCollection (QuPath's export, the bundle's inference output): one
   ``Polygon`` (or ``MultiPolygon``) per nucleus, its class in ``properties.classification.name``.
 * ``.npz``: ``inst_map`` and ``type_map`` arrays of the image's size, class ids of the served class table.
+* ``.csv``: point labels, ``x, y, label`` rows (``scripts.cells.labels.read_point_csv``); a GeoJSON label may also
+  hold classified ``Point``/``MultiPoint`` features instead of polygons (QuPath's point annotations).
+
+Outlines (polygons, maps) train the segmentation network; every label but ``.npz`` maps also trains the cell
+classifier, as points (:func:`label_points`: a polygon counts as its centroid).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import numpy as np
 
 POLYGON_SUFFIXES = (".xml", ".geojson", ".json")
 MAP_SUFFIXES = (".npz",)
-LABEL_SUFFIXES = POLYGON_SUFFIXES + MAP_SUFFIXES
+POINT_SUFFIXES = (".csv",)
+LABEL_SUFFIXES = POLYGON_SUFFIXES + MAP_SUFFIXES + POINT_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ def read_polygons(path: str | Path) -> list[NucleusPolygon]:
         return _read_asap(path)
     if suffix in (".geojson", ".json"):
         return _read_geojson(path)
-    raise ValueError(f"{path}: unsupported label format {suffix!r} (expected {POLYGON_SUFFIXES + MAP_SUFFIXES})")
+    raise ValueError(f"{path}: unsupported label format {suffix!r} (expected {LABEL_SUFFIXES})")
 
 
 def _read_asap(path: Path) -> list[NucleusPolygon]:
@@ -193,11 +199,43 @@ def read_maps(path: str | Path, shape: tuple[int, int], num_classes: int) -> tup
     return inst.astype(np.int32), types.astype(np.uint8)
 
 
+def has_outlines(path: str | Path) -> bool:
+    """True when a label file outlines nuclei (``.npz`` maps, or at least one polygon): it can train the
+    segmentation network. Point labels cannot."""
+    suffix = Path(path).suffix.lower()
+    return suffix in MAP_SUFFIXES or (suffix in POLYGON_SUFFIXES and bool(read_polygons(path)))
+
+
+def label_points(path: str | Path):
+    """The labelled nuclei of a polygon or point label file as points for the cell classifier: one
+    ``scripts.cells.labels.PointLabels`` (``xy`` (M, 2) pixels, a class name per point) where every polygon counts as
+    its centroid (as ``scripts.cells.labels.read_qupath_geojson`` reads GeoJSON and point CSV files).
+
+    Raises:
+        ValueError: an ``.npz`` label (maps hold no class names), no labelled nucleus, or an unreadable file, naming it.
+    """
+    from scripts.cells.labels import PointLabels, read_points
+    from shapely.geometry import Polygon
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in MAP_SUFFIXES:
+        raise ValueError(f"{path}: label maps give no class names to points; save point or polygon labels")
+    if suffix != ".xml":
+        return read_points(path)
+    polygons = read_polygons(path)
+    if not polygons:
+        raise ValueError(f"{path}: no labelled nuclei (polygons with at least 3 points)")
+    centroids = [Polygon(p.points).centroid for p in polygons]
+    return PointLabels(np.array([(c.x, c.y) for c in centroids], np.float64), [p.name for p in polygons], str(path))
+
+
 def validate_label(path: str | Path, extent: tuple[int, int], num_classes: int) -> None:
     """Check a label file before it is stored for an image of ``extent`` = (width, height) level-0 pixels.
 
     Polygon labels must parse, name a class for every nucleus, hold at least one nucleus and lie on the image
-    (every polygon's bounding box overlaps it); ``.npz`` maps must have the image's size and ids of the
+    (every polygon's bounding box overlaps it); point labels (``.csv``, or a GeoJSON of classified points) must
+    parse, hold at least one point and lie on the image; ``.npz`` maps must have the image's size and ids of the
     ``num_classes`` served classes.
 
     Raises:
@@ -208,7 +246,10 @@ def validate_label(path: str | Path, extent: tuple[int, int], num_classes: int) 
     if suffix in MAP_SUFFIXES:
         read_maps(path, (extent[1], extent[0]), num_classes)
         return
-    polygons = read_polygons(path)
+    polygons = read_polygons(path) if suffix in POLYGON_SUFFIXES else []
+    if not polygons and suffix != ".xml":
+        _validate_points(path, extent)
+        return
     if not polygons:
         raise ValueError(f"{path}: no labelled nuclei (polygons with at least 3 points)")
     width, height = extent
@@ -217,3 +258,20 @@ def validate_label(path: str | Path, extent: tuple[int, int], num_classes: int) 
         if not np.isfinite(polygon.points).all() or x1 < 0 or y1 < 0 or x0 >= width or y0 >= height:
             raise ValueError(f"{path}: nucleus {i} ({polygon.name}) at x {x0:g}..{x1:g}, y {y0:g}..{y1:g} lies "
                              f"outside the image of {width} x {height} pixels")
+
+
+def _validate_points(path: Path, extent: tuple[int, int]) -> None:
+    """A point label (CSV or GeoJSON without polygons) must hold classified points on the image."""
+    try:
+        points = label_points(path)
+    except ValueError as err:
+        raise ValueError(f"{path}: no labelled nuclei (polygons with at least 3 points, or classified points): "
+                         f"{str(err).replace(f'{path}: ', '')}") from err
+    width, height = extent
+    xy = points.xy
+    outside = np.flatnonzero(~np.isfinite(xy).all(1) | (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width)
+                             | (xy[:, 1] >= height))
+    if outside.size:
+        k = int(outside[0])
+        raise ValueError(f"{path}: point {k} ({points.labels[k]}) at x {xy[k, 0]:g}, y {xy[k, 1]:g} lies outside the "
+                         f"image of {width} x {height} pixels")

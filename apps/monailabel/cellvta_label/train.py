@@ -18,7 +18,7 @@ from .bundle import CLASS_TABLE, MODEL_FILE, NETWORK_RECORD, BundleModel, bundle
 from .checkpoints import carry_over
 from .config import TRAIN_WORKFLOW, AppConfig
 from .dataset import LabelledImage, label_names, write_dataset
-from .labels import class_table
+from .labels import class_table, has_outlines
 
 STATS_FILE = "train_stats.json"
 BEST_METRIC_FILE = "best_metric.json"  # written by scripts.training.best_metric.BestMetricWriter
@@ -47,7 +47,7 @@ def _classes_param(value: Any) -> list[str] | None:
 
 
 class CellVTATrain(TrainTask):
-    """Fine-tune on every image of the datastore that has a final label, from the served checkpoint.
+    """Fine-tune on every image of the datastore whose final label outlines nuclei, from the served checkpoint.
 
     The labels' class names may differ from the served model's: new names are appended to its class table
     (or ``classes`` in the request replaces the table), and the type head keeps the learnt rows of the classes
@@ -76,9 +76,11 @@ class CellVTATrain(TrainTask):
         params = {**DEFAULTS, **{k: v for k, v in request.items() if k in DEFAULTS}}
         started = time.time()
         rows = datastore.local_datalist() if hasattr(datastore, "local_datalist") else datastore.datalist()
-        items = [LabelledImage(Path(d["image"]), Path(d["label"])) for d in rows]
+        items = [LabelledImage(Path(d["image"]), Path(d["label"])) for d in rows if has_outlines(d["label"])]
         if not items:
-            raise ValueError("the datastore has no labelled images: save labels with PUT /datastore/label first")
+            raise ValueError("the datastore has no images labelled with nucleus outlines (polygons or maps): save "
+                             "labels with PUT /datastore/label first (point labels train the cell classifier, "
+                             "/train/<model>_classifier)")
         run_dir = self.app_config.work_dir / time.strftime("run_%Y%m%d_%H%M%S")
         run_dir.mkdir(parents=True, exist_ok=False)
 
