@@ -128,48 +128,47 @@ def components_table(entries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def train_consep_table(entries: dict[str, dict[str, Any]]) -> str:
-    """CellVTA against MONAI HoVerNet on CoNSeP for the same CPU budget."""
-    entry = entries.get("train_consep")
+def budget_table(entries: dict[str, dict[str, Any]], name: str, labels: dict[str, str],
+                 columns: dict[str, str]) -> str:
+    """Models trained for the same CPU budget (``bench/<name>.py``), one row each: the run's settings, then
+    ``columns`` ({result key: heading}) of every model in ``labels`` ({result key: row label})."""
+    entry = entries.get(name)
     if entry is None:
-        return "(no recorded run of `bench/train_consep.py`)"
+        return f"(no recorded run of `bench/{name}.py`)"
     r = entry["result"]
-    rows = [f"`{entry.get('command', 'bench/train_consep.py')}`: {r['budget_min']} {r['budget']} per model, "
-            f"{r['crop']}² crops, batch {r['batch_size']}, {r['identical_batches']} identical batches.", "",
-            "| model | parameters | steps | bPQ | mPQ | Dice | AJI |", "|---|---|---|---|---|---|---|"]
-    for key, label in (("cellvta", "CellVTA (ViT-S/16 size, adapter)"), ("hovernet", "MONAI HoVerNet (fast)")):
-        m = r[key]
-        rows.append(f"| {label} | {m['params_m']} M | {m['steps']} | {m['bpq']} | {m['mpq']} | {m['dice']} | {m['aji']} |")
+    weights = f", {r['weights']}" if "weights" in r else ""
+    where = ", ".join(part for part in (_machine(entry), entry.get("date")) if part)
+    rows = [f"`{entry.get('command', f'bench/{name}.py')}`: {r['budget_min']} {r['budget']} per model, "
+            f"{r['crop']}² crops, batch {r['batch_size']}{weights}, {r['identical_batches']} identical batches; "
+            f"{where}.", "",
+            "| model | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key, label in labels.items():
+        if key in r:
+            rows.append(f"| {label} | " + " | ".join(str(r[key][c]) for c in columns) + " |")
     return "\n".join(rows)
 
 
-ENCODER_LABELS = {
-    "cellvta_vit_s": "CellVTA ViT-S/16 (adapter)",
-    "cellvit_vit_s": "CellViT ViT-S/16 (no adapter)",
-    "cellvit_sam_b": "CellViT-SAM-B",
-    "cellvit_convnext_t": "ConvNeXt-T",
-    "cellvit_swinv2_t": "Swin V2-T",
-    "hovernet": "MONAI HoVerNet (fast)",
-}
+SCORE_COLUMNS = {"bpq": "bPQ", "mpq": "mPQ", "dice": "Dice", "aji": "AJI"}
+
+
+def train_consep_table(entries: dict[str, dict[str, Any]]) -> str:
+    """CellVTA against MONAI HoVerNet on CoNSeP for the same CPU budget."""
+    return budget_table(entries, "train_consep",
+                        {"cellvta": "CellVTA (ViT-S/16 size, adapter)", "hovernet": "MONAI HoVerNet (fast)"},
+                        {"params_m": "parameters (M)", "steps": "steps", **SCORE_COLUMNS})
 
 
 def encoders_table(entries: dict[str, dict[str, Any]]) -> str:
     """Every encoder under the one decoder for the same CPU budget, one row each."""
-    entry = entries.get("encoders")
-    if entry is None:
-        return "(no recorded run of `bench/encoders.py`)"
-    r = entry["result"]
-    rows = [f"`{entry.get('command', 'bench/encoders.py')}`: {r['budget_min']} {r['budget']} per model, "
-            f"{r['crop']}² crops, batch {r['batch_size']}, {r['weights']}, {r['identical_batches']} identical "
-            f"batches; {_machine(entry)}, {entry.get('date', '')}.", "",
-            "| model | parameters | steps | CPU s/step | bPQ | mPQ | Dice | AJI | detection F1 |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for key, label in ENCODER_LABELS.items():
-        if key in r:
-            m = r[key]
-            rows.append(f"| {label} | {m['params_m']} M | {m['steps']} | {m['s_per_step']} | {m['bpq']} | "
-                        f"{m['mpq']} | {m['dice']} | {m['aji']} | {m['detection_f1']} |")
-    return "\n".join(rows)
+    return budget_table(entries, "encoders", {
+        "cellvta_vit_s": "CellVTA ViT-S/16 (adapter)",
+        "cellvit_vit_s": "CellViT ViT-S/16 (no adapter)",
+        "cellvit_sam_b": "CellViT-SAM-B",
+        "cellvit_convnext_t": "ConvNeXt-T",
+        "cellvit_swinv2_t": "Swin V2-T",
+        "hovernet": "MONAI HoVerNet (fast)",
+    }, {"params_m": "parameters (M)", "steps": "steps", "s_per_step": "CPU s/step", **SCORE_COLUMNS,
+        "detection_f1": "detection F1"})
 
 
 def eval_metrics(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
