@@ -246,7 +246,7 @@ def validate_label(path: str | Path, extent: tuple[int, int], num_classes: int) 
     if suffix in MAP_SUFFIXES:
         read_maps(path, (extent[1], extent[0]), num_classes)
         return
-    polygons = read_polygons(path) if suffix in POLYGON_SUFFIXES else []
+    polygons = read_polygons(path) if suffix not in POINT_SUFFIXES else []  # other suffixes: refused there
     if not polygons and suffix != ".xml":
         _validate_points(path, extent)
         return
