@@ -38,7 +38,7 @@ def test_render_replaces_only_the_marked_block():
     out = tables.render(text, entries)
     assert out.startswith("before\n<!-- results:train_consep -->\n`python bench/train_consep.py`")
     assert "old" not in out and out.endswith("<!-- /results:train_consep -->\nafter\n")
-    assert "| CellVTA (ViT-S/16 size, adapter) | 1.0 M | 5 | 0.5 | 0.25 | 0.75 | 0.125 |" in out
+    assert "| CellVTA (ViT-S/16 size, adapter) | 1.0 | 5 | 0.5 | 0.25 | 0.75 | 0.125 |" in out
     assert tables.render(out, entries) == out
 
 
