@@ -8,7 +8,10 @@
    memory at batch 1/16/64 in float32 (TF32 off), float16 and bfloat16 autocast, and the deviation of the
    half-precision outputs from float32 on real CoNSeP tiles (max |difference| of the nuclei probability and the
    HV maps, type-map argmax agreement).
-5. ``wsi``: the whole-slide pipeline (``scripts.slides.wsi.run_slide``) on a generated 8192x8192 pyramidal slide of
+5. ``precision``: ``bench/precision.py`` on realistic weights (LayerScale, biases, BatchNorm calibrated on mosaic
+   tiles): deviation, argmax agreement and binary PQ change of fp16/bf16 autocast, and of the CPU paths
+   (bundle's bf16, bf16 autocast, all-bf16) with their speedup where the host CPU has native bf16.
+6. ``wsi``: the whole-slide pipeline (``scripts.slides.wsi.run_slide``) on a generated 8192x8192 pyramidal slide of
    repeated CoNSeP patches with ``--workers`` post-processing workers, run three ways: the real network in bf16
    autocast with post-processing fed the ground-truth maps of the mosaic (the GPU does all the network's work,
    the CPU post-processes realistic nuclei); the ground-truth oracle alone (what reading + post-processing can
@@ -201,14 +204,22 @@ def stage_msda(repeats: int) -> dict:
     return result
 
 
-def consep_tiles(bundle: Path | None, count: int) -> torch.Tensor:
-    """``count`` real 256x256 CoNSeP tiles from the bundle's mosaic (uint8, (count, 256, 256, 3))."""
+def mosaic_tiles(bundle: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The mosaic's 64 real 256x256 CoNSeP tiles: uint8 ``(64, 256, 256, 3)`` and instance maps ``(64, 256, 256)``."""
     if bundle is None or not (bundle / "mosaic.npz").is_file():
         raise FileNotFoundError("the CoNSeP mosaic is absent: run with --bundle (see the module docstring)")
     with np.load(bundle / "mosaic.npz") as data:
-        image = data["image"]
-    tiles = [image[y:y + 256, x:x + 256] for y in range(0, 2048, 256) for x in range(0, 2048, 256)][:count]
-    return torch.from_numpy(np.stack(tiles))
+        image, inst = data["image"], data["inst"]
+
+    def split(a: np.ndarray) -> np.ndarray:
+        return np.stack([a[y:y + 256, x:x + 256] for y in range(0, 2048, 256) for x in range(0, 2048, 256)])
+
+    return split(image), split(inst)
+
+
+def consep_tiles(bundle: Path | None, count: int) -> torch.Tensor:
+    """``count`` real 256x256 CoNSeP tiles from the bundle's mosaic (uint8, (count, 256, 256, 3))."""
+    return torch.from_numpy(mosaic_tiles(bundle)[0][:count])
 
 
 def normalise(tiles: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
@@ -218,21 +229,8 @@ def normalise(tiles: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
     return ((tiles.permute(0, 3, 1, 2).float() - mean) / std).cuda()
 
 
-def deviation(reference: dict[str, torch.Tensor], half: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Half-precision outputs against float32: probabilities, HV maps, type argmax agreement."""
-    def prob(out):
-        return torch.softmax(out["nuclei_binary_map"].float(), 1)[:, 1]
-
-    types_ref = reference["nuclei_type_map"].float().argmax(1)
-    types_half = half["nuclei_type_map"].float().argmax(1)
-    return {
-        "max_abs_diff_nuclei_prob": float(f"{(prob(half) - prob(reference)).abs().max().item():.3g}"),
-        "max_abs_diff_hv": float(f"{(half['hv_map'].float() - reference['hv_map'].float()).abs().max().item():.3g}"),
-        "type_argmax_agreement": round((types_ref == types_half).float().mean().item(), 5),
-    }
-
-
 def stage_models(bundle: Path | None, repeats: int) -> dict:
+    from precision import compare
     from scripts.model.network import CellVTA, CellViT
 
     os.environ["CELLVTA_MSDA_IMPL"] = "compiled"
@@ -258,10 +256,30 @@ def stage_models(bundle: Path | None, repeats: int) -> dict:
                         "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                     }
         for precision in ("fp16", "bf16"):
-            entry[f"{precision}_vs_fp32"] = deviation(outputs["fp32"], outputs[precision])
+            entry[f"{precision}_vs_fp32"] = compare(outputs["fp32"], outputs[precision])
         result[name] = entry
         del network
         torch.cuda.empty_cache()
+    return result
+
+
+def stage_precision(bundle: Path | None) -> dict:
+    """``bench/precision.py``'s measurement of CellVTA-L (UNI preset, realistic weights calibrated on 16 mosaic
+    tiles) on 16 other tiles: CUDA fp16/bf16 autocast, and the CPU paths where the host CPU has native bf16."""
+    from precision import measure, realistic_network
+    from scripts.model.precision import default_precision
+
+    os.environ["CELLVTA_MSDA_IMPL"] = "compiled"
+    images, inst = mosaic_tiles(bundle)
+    network = realistic_network("uni", images[48:], seed=0, device=torch.device("cuda"))
+    result = {"weights": "realistic fixture (seed 0)", "backbone": "uni", "tiles": 16,
+              "cuda": measure(network, images[:16], inst[:16], torch.device("cuda"), batch_size=8)}
+    cpu = torch.device("cpu")
+    if default_precision(cpu) == torch.bfloat16:
+        torch.set_num_threads(os.cpu_count() or 1)
+        result["cpu"] = measure(network.to(cpu), images[:4], inst[:4], cpu, batch_size=1)
+    else:
+        result["cpu"] = "the host CPU has no native bf16 instructions: not measured"
     return result
 
 
@@ -357,7 +375,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(8, (os.cpu_count() or 8) - 4),
                         help="whole-slide post-processing workers")
     parser.add_argument("--wsi-batch", type=int, default=32, help="tiles per network call in the whole-slide run")
-    parser.add_argument("--stages", default="build,parity,msda,models,wsi", help="comma-separated stages to run")
+    parser.add_argument("--stages", default="build,parity,msda,models,precision,wsi",
+                        help="comma-separated stages to run")
     args = parser.parse_args()
     if args.prepare:
         prepare(args.prepare)
@@ -373,6 +392,7 @@ def main() -> None:
         "parity": lambda: stage_parity(out),
         "msda": lambda: stage_msda(args.repeats),
         "models": lambda: stage_models(args.bundle, args.repeats),
+        "precision": lambda: stage_precision(args.bundle),
         "wsi": lambda: stage_wsi(args.bundle, args.workers, args.wsi_batch),
     }
     for name in args.stages.split(","):

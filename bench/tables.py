@@ -1,7 +1,7 @@
 """The README's and the model card's result tables and the bundle's ``eval_metrics``, from ``bench/results/*.json``.
 
 Each document holds its tables between marker lines, ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
-(NAME ``components``, ``train_consep``, ``encoders`` or ``classifier``); this script rewrites what lies between
+(NAME ``components``, ``train_consep``, ``encoders``, ``classifier`` or ``precision``); this script rewrites what lies between
 them, so a quoted figure is always the one a benchmark recorded.
 
 Usage: ``python bench/tables.py`` (rewrite) or ``python bench/tables.py --check`` (exit 1 when a document is
@@ -120,7 +120,7 @@ def components_table(entries: dict[str, dict[str, Any]]) -> str:
     """The table of every recorded benchmark except the training comparison, one row each."""
     rows = ["| benchmark | what | result | machine, date |", "|---|---|---|---|"]
     for name, entry in entries.items():
-        if name == "train_consep":
+        if name == "train_consep" or name.startswith("precision"):
             continue
         what, render = RENDERERS.get(name, ("", _generic))
         rows.append(f"| `bench/{name}.py` | {what} | {render(entry['result'])} | "
@@ -229,11 +229,45 @@ def classifier_table(entries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+PRECISION_PATHS = {
+    "cpu_bf16": "CPU bf16, the bundle's path (bf16 weights, float32 streams)",
+    "cpu_bf16_autocast": "CPU bf16 autocast (the official code's)",
+    "cpu_bf16_uniform": "CPU, everything in bf16",
+    "cuda_fp16_autocast": "CUDA fp16 autocast",
+    "cuda_bf16_autocast": "CUDA bf16 autocast",
+}
+PRECISION_COLUMNS = {"max_abs_diff_nuclei_prob": "max \\|Δ\\| nuclei prob.", "max_abs_diff_hv": "max \\|Δ\\| HV",
+                     "type_argmax_agreement": "type argmax agreement", "bpq": "bPQ", "bpq_change": "bPQ change",
+                     "max_tile_bpq_change": "max \\|bPQ change\\| of a tile", "speedup": "speed vs fp32"}
+
+
+def precision_table(entries: dict[str, dict[str, Any]]) -> str:
+    """Every fast inference path against float32 (``bench/precision.py``), one table per recorded run."""
+    runs = {name: entry for name, entry in entries.items() if name.startswith("precision")}
+    if not runs:
+        return "(no recorded run of `bench/precision.py`)"
+    rows: list[str] = []
+    for entry in runs.values():
+        r = entry["result"]
+        native = "native bf16" if r["native_bf16"] else "no native bf16: bf16 is emulated, its speed means nothing"
+        fp32 = r["paths"]["fp32"]
+        rows += [f"`{entry.get('command', 'bench/precision.py')}`: {r['weights']}, {r['backbone']} backbone, "
+                 f"{r['tiles']} CoNSeP tiles of {r['size']}², {r['device']} ({native}); float32 bPQ {fp32['bpq']}, "
+                 f"{fp32['s_per_tile']} s per tile; {_machine(entry)}, {entry.get('date', '')}.", "",
+                 "| path | " + " | ".join(PRECISION_COLUMNS.values()) + " |",
+                 "|---" * (len(PRECISION_COLUMNS) + 1) + "|"]
+        rows += [f"| {label} | " + " | ".join(str(r["paths"][key][c]) for c in PRECISION_COLUMNS) + " |"
+                 for key, label in PRECISION_PATHS.items() if key in r["paths"]]
+        rows.append("")
+    return "\n".join(rows[:-1])
+
+
 TABLES: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {
     "components": components_table,
     "train_consep": train_consep_table,
     "encoders": encoders_table,
     "classifier": classifier_table,
+    "precision": precision_table,
 }
 
 

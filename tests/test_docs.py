@@ -62,6 +62,19 @@ def test_classifier_table_quotes_every_amount_of_labels_and_the_targets():
     assert "(1,200 / 300 nuclei" in table
 
 
+def test_precision_table_has_one_row_per_path_and_says_when_bf16_is_emulated():
+    path = {"max_abs_diff_nuclei_prob": 0.02, "max_abs_diff_hv": 0.07, "type_argmax_agreement": 0.978, "bpq": 0.5,
+            "bpq_change": -0.001, "max_tile_bpq_change": 0.004, "s_per_tile": 9.0, "speedup": 0.2}
+    result = {"weights": "trained: cellvta_vit_s (cellvta_vit_s.pt)", "backbone": "vit-s", "tiles": 4, "size": 256,
+              "device": "cpu", "native_bf16": False,
+              "paths": {"fp32": {"s_per_tile": 1.8, "bpq": 0.501}, "cpu_bf16": path, "cpu_bf16_uniform": path}}
+    table = tables.precision_table({"precision_trained": {"command": "python bench/precision.py", "result": result},
+                                    "msda": {"result": {}}})
+    assert "bf16 is emulated" in table and "float32 bPQ 0.501, 1.8 s per tile" in table
+    assert "| CPU bf16, the bundle's path (bf16 weights, float32 streams) | 0.02 | 0.07 | 0.978 | 0.5 | -0.001 |" in table
+    assert "autocast" not in table and table.count("| CPU") == 2
+
+
 @pytest.mark.parametrize("needle", ["cellvta_reference", "BENCH_TABLE"])
 def test_the_repository_cites_no_outside_document_and_has_no_placeholder(needle):
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()

@@ -299,18 +299,18 @@ class AdapterEncoder(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def layout(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> dict:
-        """Reference points and level layouts for an ``h x w`` input."""
+    def layout(self, h: int, w: int, device: torch.device) -> dict:
+        """Reference points (float32, whatever the network's precision) and level layouts for an ``h x w`` input."""
         spm_grids = [(h // 4, w // 4), (h // 8, w // 8), (h // 16, w // 16)]
         vit_grid = [(h // 16, w // 16)]
         inj_shapes, inj_starts = level_layout(spm_grids, device)
         ext_shapes, ext_starts = level_layout(vit_grid, device)
         return {
             "spm_grids": spm_grids,
-            "inj_ref": reference_points(vit_grid, device, dtype),
+            "inj_ref": reference_points(vit_grid, device, torch.float32),
             "inj_shapes": inj_shapes,
             "inj_starts": inj_starts,
-            "ext_ref": reference_points(spm_grids, device, dtype),
+            "ext_ref": reference_points(spm_grids, device, torch.float32),
             "ext_shapes": ext_shapes,
             "ext_starts": ext_starts,
         }
@@ -328,7 +328,7 @@ class AdapterEncoder(nn.Module):
         b, _, h, w = x.shape
         if h % GRID_STRIDE or w % GRID_STRIDE:
             raise ValueError(f"input size {h}x{w} must be a multiple of {GRID_STRIDE}")
-        layout = self.layout(h, w, x.device, x.dtype)
+        layout = self.layout(h, w, x.device)
         c1, c2, c3, c4 = self.spm(x)
         c = torch.cat([m.permute(0, 2, 3, 1).flatten(1, 2) + self.level_embed[i] for i, m in enumerate((c2, c3, c4))], 1)
         tokens, prefix = self.embed(x)
