@@ -92,6 +92,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Result], str]]] = {
     "metrics": ("PQ family, 40 fixture pairs", _metrics),
     "wsi": ("whole slide, ground-truth oracle network", _wsi),
     "encoders": ("encoders under one decoder, CoNSeP, same CPU budget", _encoders),
+    "encoders_loaded": ("the same command, an earlier run while other jobs loaded the machine", _encoders),
 }
 
 
@@ -123,7 +124,8 @@ def components_table(entries: dict[str, dict[str, Any]]) -> str:
         if name == "train_consep" or name.startswith("precision"):
             continue
         what, render = RENDERERS.get(name, ("", _generic))
-        rows.append(f"| `bench/{name}.py` | {what} | {render(entry['result'])} | "
+        script = next((w for w in entry.get("command", "").split() if w.endswith(".py")), f"bench/{name}.py")
+        rows.append(f"| `{script}` | {what} | {render(entry['result'])} | "
                     f"{_machine(entry)}, {entry.get('date', '')} |")
     return "\n".join(rows)
 
