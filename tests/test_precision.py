@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.model.network import CellVTA
+from scripts.model.network import CellViT, CellVTA
 from scripts.model.precision import NORMALISATIONS, STREAM_PARAMETERS, convert_to_low_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -117,3 +117,19 @@ def test_cpu_bf16_path_is_as_close_to_float32_as_autocast(realistic):
 
     assert torch.all(error(low) <= 1.02 * error(autocast)), (error(low), error(autocast))
     assert torch.all(error(uniform) >= 1.1 * error(low)), (error(uniform), error(low))
+
+
+@pytest.mark.parametrize("backbone, vit_kwargs", [("sam-b", {"depth": 4}), ("convnext-t", None),
+                                                  ("swinv2-t", None), ("resnet50", None)])
+def test_every_encoder_family_runs_in_the_cpu_bf16_path(backbone, vit_kwargs):
+    """SAM's relative-position tables, ConvNeXt's LayerScale, Swin V2's position MLP: no dtype is left mixed."""
+    torch.manual_seed(0)
+    network = CellViT(backbone, num_nuclei_classes=5, num_tissue_classes=3, vit_kwargs=vit_kwargs).eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        reference = network(x)
+        convert_to_low_precision(network, torch.bfloat16)
+        low = network(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    for key in KEYS:
+        assert low[key].shape == reference[key].shape, key
+        assert (low[key].float() - reference[key]).abs().mean() < 0.01 * reference[key].abs().mean(), key
