@@ -217,31 +217,19 @@ def mosaic_tiles(bundle: Path | None) -> tuple[np.ndarray, np.ndarray]:
     return split(image), split(inst)
 
 
-def consep_tiles(bundle: Path | None, count: int) -> torch.Tensor:
-    """``count`` real 256x256 CoNSeP tiles from the bundle's mosaic (uint8, (count, 256, 256, 3))."""
-    return torch.from_numpy(mosaic_tiles(bundle)[0][:count])
-
-
-def normalise(tiles: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
-    """uint8 ``(B, 256, 256, 3)`` -> float32 ``(B, 3, 256, 256)`` on the GPU, as the predictors normalise."""
-    mean = torch.as_tensor(network.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.as_tensor(network.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    return ((tiles.permute(0, 3, 1, 2).float() - mean) / std).cuda()
-
-
 def stage_models(bundle: Path | None, repeats: int) -> dict:
-    from precision import compare
+    from precision import compare, normalise
     from scripts.model.network import CellVTA, CellViT
 
     os.environ["CELLVTA_MSDA_IMPL"] = "compiled"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    real = consep_tiles(bundle, 16)
+    real = mosaic_tiles(bundle)[0][:16]
     result: dict[str, dict] = {}
     for name, cls in (("cellvta_l", CellVTA), ("cellvit_l", CellViT)):
         torch.manual_seed(0)
         network = cls("uni", num_nuclei_classes=len(CLASSES), num_tissue_classes=19, device="cuda").eval()
         entry: dict[str, dict] = {}
-        x_real = normalise(real, network)
+        x_real = normalise(real, network).cuda()
         outputs = {}
         for precision, dtype in PRECISIONS.items():
             with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -358,7 +346,7 @@ def stage_wsi(bundle: Path | None, workers: int, batch_size: int) -> dict:
     finally:
         if pool is not None:
             pool.shutdown()
-    tiles = consep_tiles(bundle, batch_size).numpy()
+    tiles = mosaic_tiles(bundle)[0][:batch_size]
     origins = np.zeros((batch_size, 2), dtype=np.int64)
     seconds = gpu_median(lambda: network_predictor(tiles, origins), repeats=10)
     result["network_only_tiles_per_s"] = round(batch_size / seconds, 1)

@@ -12,8 +12,8 @@ calibrated on other CoNSeP patches). Paths, each against the same network in flo
 | ``cuda_fp16_autocast`` / ``cuda_bf16_autocast`` | float32 weights under CUDA autocast (with ``--device cuda``) |
 
 With ``--network`` a network trained by ``bench/encoders.py`` replaces the fixture (its PQ against the ground
-truth means something; the fixture's is near 0). For each path: the max |difference| of the nuclei probability and of the HV maps, the type-map argmax agreement, the
-binary PQ of the HoVer-Net post-processed instances against the ground truth (mean over tiles) and its change
+truth means something; the fixture's is near 0). For each path: the max |difference| of the nuclei probability
+and of the HV maps, the type-map argmax agreement, the binary PQ of the HoVer-Net post-processed instances against the ground truth (mean over tiles) and its change
 from float32's, and the forward time per tile relative to float32 (``speedup``). bf16 is fast on CPUs with
 native bf16 instructions (AVX512-BF16, AMX: ``native_bf16``); elsewhere the CPU emulates it and the speedup
 says nothing about the path.
@@ -54,7 +54,7 @@ NUM_CLASSES = 5  # CoNSeP: background, other, inflammatory, epithelial, spindle-
 CALIBRATION_PATCHES = 16  # BatchNorm statistics from the last patches of the file, disjoint from the tiles
 
 
-def consep(count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def consep(count: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``count`` tiles spread over the CoNSeP patches and the calibration patches: uint8 ``(N, size, size, 3)``
     images and ``(N, size, size)`` instance maps of the tiles, then the calibration images."""
     if not CONSEP.is_file():
@@ -202,8 +202,9 @@ def main() -> None:
     else:
         network = realistic_network(args.backbone, calibration, args.seed)
         weights, backbone = f"realistic fixture (seed {args.seed})", args.backbone
+    native_bf16 = device.type == "cuda" or default_precision(device) == torch.bfloat16
     result = {"weights": weights, "backbone": backbone, "tiles": args.tiles, "size": args.size,
-              "device": str(device), "native_bf16": device.type == "cuda" or default_precision(device) == torch.bfloat16,
+              "device": str(device), "native_bf16": native_bf16,
               "paths": measure(network, images, inst, device, args.batch_size)}
     name = "precision" + ("_trained" if args.network is not None else "") + ("_cuda" if device.type == "cuda" else "")
     record(name, result)

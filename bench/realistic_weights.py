@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from scripts.model.precision import NORMALISATIONS
+
 GAMMA_RANGE = (0.05, 0.3)  # |LayerScale| of trained ViT-L pathology encoders
 BIAS_STD = 0.05
 NORM_WEIGHT_STD = 0.1
@@ -51,7 +53,7 @@ def make_realistic(network: nn.Module, images: torch.Tensor, seed: int = 0, batc
         elif leaf == "bias":
             param.add_(BIAS_STD * draw(param))
     for module in network.modules():
-        if isinstance(module, (nn.LayerNorm, nn.GroupNorm, _BatchNorm)) and module.weight is not None:
+        if isinstance(module, NORMALISATIONS) and module.weight is not None:
             module.weight.mul_(1 + NORM_WEIGHT_STD * draw(module.weight))
 
     network.eval()

@@ -1,8 +1,8 @@
 """The README's and the model card's result tables and the bundle's ``eval_metrics``, from ``bench/results/*.json``.
 
 Each document holds its tables between marker lines, ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
-(NAME ``components``, ``train_consep``, ``encoders``, ``classifier`` or ``precision``); this script rewrites what lies between
-them, so a quoted figure is always the one a benchmark recorded.
+(NAME ``components``, ``train_consep``, ``encoders``, ``classifier`` or ``precision``); this script rewrites
+what lies between them, so a quoted figure is always the one a benchmark recorded.
 
 Usage: ``python bench/tables.py`` (rewrite) or ``python bench/tables.py --check`` (exit 1 when a document is
 out of date, naming it).

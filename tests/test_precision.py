@@ -12,31 +12,21 @@ from torch import nn
 
 from scripts.model.network import CellViT, CellVTA
 from scripts.model.precision import NORMALISATIONS, STREAM_PARAMETERS, convert_to_low_precision
+from tests.test_network import small_cellvta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from precision import normalise  # noqa: E402
 from realistic_weights import make_realistic  # noqa: E402
 
-SMALL = {"backbone": "vit-s", "vit_kwargs": {"depth": 4}, "num_nuclei_classes": 5, "num_tissue_classes": 3}
 KEYS = ("nuclei_binary_map", "hv_map", "nuclei_type_map")
-
-
-def small_cellvta() -> CellVTA:
-    torch.manual_seed(0)
-    return CellVTA(**SMALL).eval()
-
-
-def normalised(images, network: nn.Module) -> torch.Tensor:
-    mean = torch.as_tensor(network.mean).view(1, 3, 1, 1)
-    std = torch.as_tensor(network.std).view(1, 3, 1, 1)
-    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
 @pytest.fixture(scope="module")
 def realistic(consep) -> tuple[CellVTA, torch.Tensor]:
     """The small CellVTA with realistic weights (BatchNorm calibrated on 8 CoNSeP patches) and 2 other tiles."""
     network = small_cellvta()
-    make_realistic(network, normalised(consep["images"][-8:, :128, :128], network), seed=0)
-    return network, normalised(consep["images"][[0, 200], :64, :64], network)
+    make_realistic(network, normalise(consep["images"][-8:, :128, :128], network), seed=0)
+    return network, normalise(consep["images"][[0, 200], :64, :64], network)
 
 
 def test_conversion_stores_compute_in_bf16_and_keeps_streams_exact():
