@@ -35,13 +35,18 @@ def test_tiles_of_a_blurred_region_are_left_out_and_shown_in_the_mask(consep, tm
     image[:, 512:] = cv2.GaussianBlur(image, (0, 0), 8)[:, 512:]  # right half out of focus (sigma 2 um)
     write_pyramidal_tiff(tmp_path / "half.tif", image, mpp=0.25, min_size=128)
     settings = WSISettings(postprocess_workers=0, min_tissue_fraction=0.0, chunk_tiles=4)
-    seen = {}
+    seen, summary = {}, {}
     for exclude in (False, True):
         seen[exclude] = SeenTiles()
-        run_slide(tmp_path / "half.tif", tmp_path / str(exclude), seen[exclude], ["background", "nucleus"],
-                  WSISettings(**{**settings.__dict__, "exclude_blur": exclude}))
+        summary[exclude] = run_slide(tmp_path / "half.tif", tmp_path / str(exclude), seen[exclude],
+                                     ["background", "nucleus"],
+                                     WSISettings(**{**settings.__dict__, "exclude_blur": exclude}))
     everything, kept = set(seen[False].seen), set(seen[True].seen)
     assert len(everything) == 25 and kept < everything  # 5 x 5 tiles of 256 px, 192 px apart
+    assert summary[False]["tiles_out_of_focus"] is None and summary[False]["tiles"] == 25
+    assert summary[True]["tiles_out_of_focus"] == 25 - len(kept) and summary[True]["tiles"] == len(kept)
+    report = (tmp_path / "True" / "half.tif_report.html").read_text()
+    assert f"{len(kept)} of 25 tiles ({25 - len(kept)} tissue tiles out of focus, left out)" in report
     assert {(x, y) for x, y in everything if x + 256 <= 512} <= kept  # in focus: all analysed
     assert not {(x, y) for x, y in kept if x >= 512}  # wholly blurred: none
     mask = cv2.imread(str(tmp_path / "True" / "half.tif_mask.png"), cv2.IMREAD_GRAYSCALE)

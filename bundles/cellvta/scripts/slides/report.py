@@ -197,6 +197,8 @@ def write_report(path: str | Path, summary: dict, output_dir: str | Path, grid_u
         ("Size", f"{width} × {height} px, {width * mpp / 1000:.2f} × {height * mpp / 1000:.2f} mm "
                  f"({area_mm2:.1f} mm²) at {mpp:.4g} µm/px"),
         ("Analysed", f"{summary['tiles']} of {summary['tiles_total']} tiles"
+                     + (f" ({summary['tiles_out_of_focus']} tissue tiles out of focus, left out)"
+                        if summary.get("tiles_out_of_focus") else "")
                      + (f", region <code>{html.escape(str(summary['roi']))}</code>" if summary.get("roi") else "")),
         ("Nuclei", f"{total}"),
         ("Model (weights)", f"<code>{html.escape(str(summary.get('predictor') or 'unnamed'))}</code>"),

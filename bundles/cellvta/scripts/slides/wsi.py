@@ -594,8 +594,11 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
             mask &= region.raster(mask.shape, thumb_scale)
         grid = TileGrid(geometry.width, geometry.height, settings.tile_size, settings.overlap)
         grid = grid.with_processed(grid.tissue_tiles(mask, thumb_scale / geometry.scale, settings.min_tissue_fraction))
+        out_of_focus = None
         if settings.exclude_blur:
-            grid = grid.with_processed(grid.processed & ~_out_of_focus(slide, geometry, grid, settings))
+            blurred = _out_of_focus(slide, geometry, grid, settings)
+            out_of_focus = int(blurred.sum())
+            grid = grid.with_processed(grid.processed & ~blurred)
         tiles = np.argwhere(grid.processed)
         analysed = _covered(grid, tiles, mask.shape, thumb_scale / geometry.scale)
         if region is not None:
@@ -622,7 +625,8 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
     summary = {
         "slide": str(slide_path), "width": width, "height": height, "mpp": geometry.mpp,
         "analysed_mpp": geometry.mpp * geometry.scale, "level": geometry.level, "scale": geometry.scale,
-        "tiles": int(len(tiles)), "tiles_total": int(np.prod(grid.shape)), "cells": int(counts.sum()),
+        "tiles": int(len(tiles)), "tiles_total": int(np.prod(grid.shape)),
+        "tiles_out_of_focus": out_of_focus, "cells": int(counts.sum()),
         "cells_per_class": {class_name(class_names, i): int(c) for i, c in enumerate(counts) if i > 0},
         "class_colours": {class_name(class_names, i): c.tolist() for i, c in enumerate(colours) if i > 0},
         "classifier": None if classifier is None else str(classifier.path),
