@@ -137,9 +137,11 @@ def test_a_classifier_types_every_nucleus_with_its_own_classes_and_probabilities
     settings = WSISettings(**{**SETTINGS.__dict__, **SMALL_TILES, "embeddings": True})
     slide = _slide(image, tmp_path / "mosaic.tif")
     out = tmp_path / "out"
-    summary = run_slide(slide, out, KnownNuclei(predictor, inst, types), CLASSES, settings,
+    typed_background = np.where(inst % 3 == 0, 0, types)  # the type branch calls a third of the nuclei background
+    summary = run_slide(slide, out, KnownNuclei(predictor, inst, typed_background), CLASSES, settings,
                         classifier=predictor.classifier, tissue_names=TISSUES)
     assert summary["classifier"] == str(path)
+    assert summary["cells"] == len(cells.ids)  # the classifier types every nucleus, those typed background too
     assert summary["tiles"] == 4 and summary["class_colours"] == {"large": [200, 30, 40], "small": [20, 90, 220]}
     assert set(summary["cells_per_class"]) == {"large", "small"}
     vectors = np.load(out / "mosaic.tif_embeddings.npy")

@@ -96,10 +96,11 @@ def pool_features(features: np.ndarray, inst_map: np.ndarray, ids: np.ndarray) -
     return (sums / np.add.reduceat(counts, first)[:, None]).astype(np.float32)
 
 
-def tile_cells(maps: TileMaps, grid: TileGrid, magnification: int = 40) -> CellTable:
+def tile_cells(maps: TileMaps, grid: TileGrid, magnification: int = 40, drop_background: bool = True) -> CellTable:
     """Post-process one tile (unless it comes segmented) and keep the nuclei it owns (:meth:`TileGrid.owned`).
 
-    Nuclei typed background (every pixel of the nucleus voted background) are dropped when types are given.
+    With ``drop_background``, nuclei typed background (every pixel of the nucleus voted background) are dropped
+    when types are given; without it (a cell classifier types the nuclei afterwards) every nucleus is kept.
 
     Raises:
         ValueError: the maps are empty (0 x 0) or not two-dimensional.
@@ -123,7 +124,7 @@ def tile_cells(maps: TileMaps, grid: TileGrid, magnification: int = 40) -> CellT
     x0, y0 = grid.origin(maps.row, maps.col)
     boxes = nuclei.bboxes.reshape(-1, 4).astype(np.int64)
     keep = grid.owned(boxes + np.array([y0, x0, y0, x0]), maps.row, maps.col)
-    if type_prob is not None:
+    if type_prob is not None and drop_background:
         keep &= nuclei.types > 0
     index = np.flatnonzero(keep)
     contours = [nuclei.contours[i] for i in index]

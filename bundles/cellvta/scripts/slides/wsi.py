@@ -315,6 +315,7 @@ def _predict_parts(slide: Slide, geometry: SlideGeometry, grid: TileGrid, todo: 
         return
     tiles = np.concatenate([t for _, t in todo])
     owners = np.concatenate([np.full(len(t), k) for k, t in todo])
+    drop_background = classifier is None  # a classifier types every nucleus the network detects
     part_tiles = dict(todo)
     remaining = {k: len(t) for k, t in todo}
     collected: dict[int, list[CellTable]] = {k: [] for k, _ in todo}
@@ -351,8 +352,8 @@ def _predict_parts(slide: Slide, geometry: SlideGeometry, grid: TileGrid, todo: 
                 k = int(owners[index])
                 index += 1
                 tissue[k].append(probs[i])
-                in_flight.append((k, pool.submit(tile_cells, job, grid, settings.magnification) if pool
-                                  else tile_cells(job, grid, settings.magnification)))
+                in_flight.append((k, pool.submit(tile_cells, job, grid, settings.magnification, drop_background)
+                                  if pool else tile_cells(job, grid, settings.magnification, drop_background)))
             drain(limit)
     drain(0)
 
