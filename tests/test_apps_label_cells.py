@@ -147,6 +147,16 @@ def call(server, method: str, path: str, **kwargs):
     return requests.request(method, f"{server.url}{path}", timeout=900, **kwargs)
 
 
+def wait_for_training(server) -> dict:
+    """The training status once the running task ended (or after 20 minutes)."""
+    deadline = time.monotonic() + 1200
+    while True:
+        status = call(server, "GET", "/train/").json()
+        if status["status"] not in ("SUBMITTED", "RUNNING") or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
+
+
 def normalised_tile(server, consep, stains, name: str) -> Path:
     """Tile A normalised by hand to the server's target stains, as a PNG."""
     from scripts.data.stain import MacenkoNormalizer
@@ -195,14 +205,10 @@ def test_labelled_cells_train_the_classifier_and_inference_returns_its_classes(c
     info = call(cells_server, "GET", "/info/").json()
     assert set(info["trainers"]) == {"cellvta", "cellvta_classifier"}
     assert info["trainers"]["cellvta_classifier"]["config"]["epochs"] == 200  # configs/classifier.yaml
-    started = call(cells_server, "POST", "/train/cellvta_classifier", json={"epochs": 50, "hidden": 0, "match_radius_um": 6})
+    started = call(cells_server, "POST", "/train/cellvta_classifier",
+                   json={"epochs": 50, "hidden": 0, "match_radius_um": 6})
     assert started.status_code == 200, started.text
-    deadline = time.monotonic() + 900
-    while True:
-        status = call(cells_server, "GET", "/train/").json()
-        if status["status"] not in ("SUBMITTED", "RUNNING") or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    status = wait_for_training(cells_server)
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
 
     names = ["large", "small"]
@@ -230,6 +236,32 @@ def test_labelled_cells_train_the_classifier_and_inference_returns_its_classes(c
     reference = run_inferring(label_python, probe_model, normalised_tile(cells_server, consep, stains, "classified"),
                               cells_server.root / "classified", classifier=str(classifier))
     assert features == reference["features"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_new_weights_train_the_served_classifier_again_with_its_last_request(cells_server, probe_model):
+    """After the test above: fine-tuning the network on the polygon labels publishes new weights, on which the
+    classifier of the old weights would be refused; the app trains it again with its last request."""
+    from scripts.cells.classifier import load_classifier
+
+    before = call(cells_server, "GET", "/info/").json()["train_stats"]["cellvta_classifier"]
+    old_fingerprint = load_classifier(probe_model / "classifier.pt")[2]["fingerprint"]
+    started = call(cells_server, "POST", "/train/cellvta", json={"epochs": 1, "batch_size": 2})
+    assert started.status_code == 200, started.text
+    status = wait_for_training(cells_server)
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+
+    info = call(cells_server, "GET", "/info/").json()
+    retrained = info["train_stats"]["cellvta"]["classifier"]
+    assert retrained == info["train_stats"]["cellvta_classifier"] and retrained["run"] != before["run"]
+    assert retrained["request"] == before["request"] and before["request"]["epochs"] == 50
+    assert [c["name"] for c in retrained["classes"]] == ["large", "small"]
+    assert load_classifier(probe_model / "classifier.pt")[2]["fingerprint"] != old_fingerprint
+    answer = call(cells_server, "POST", "/infer/cellvta", params={"image": "cells_a", "output": "json"})
+    assert answer.status_code == 200, answer.text
+    assert {f["properties"]["classification"]["name"] for f in answer.json()["nuclei"]["features"]} <= {"large",
+                                                                                                       "small"}
 
 
 @pytest.mark.slow

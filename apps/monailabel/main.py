@@ -55,8 +55,8 @@ class CellVTAApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         name = self.app_config.model_name
-        return {name: CellVTATrain(self.model, self.app_config),
-                f"{name}_classifier": CellClassifierTrain(self.model, self.app_config)}
+        classifier = CellClassifierTrain(self.model, self.app_config)
+        return {name: CellVTATrain(self.model, self.app_config, classifier), f"{name}_classifier": classifier}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {

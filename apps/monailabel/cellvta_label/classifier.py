@@ -91,7 +91,8 @@ class CellClassifierTrain(TrainTask):
     ``configs/classifier.yaml``, each overridable in the request; ``classes``: the class list, default the
     label names sorted). The classifier replaces the served one (``AppConfig.classifier``). Each run lives in
     ``<work_dir>/classifier_<time>/`` (``images/``, ``labels/``, ``embeddings/``, ``models/``: the classifier, its
-    metrics JSON and Markdown and confusion matrix).
+    metrics JSON and Markdown and confusion matrix). The run's record (``classifier_stats.json``) keeps the
+    request it ran with, so that :meth:`retrain` can fit the classifier again to newly published weights.
 
     Args:
         model: the served bundle.
@@ -110,6 +111,16 @@ class CellClassifierTrain(TrainTask):
     def stats(self) -> dict[str, Any]:
         path = self.app_config.model_dir / STATS_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def trained_here(self) -> bool:
+        """True when the served classifier is the one this app's last run wrote (its record holds the request)."""
+        classifier = self.app_config.classifier
+        return classifier is not None and classifier.is_file() and "request" in self.stats()
+
+    def retrain(self, datastore: Datastore) -> dict[str, Any]:
+        """Train the classifier again with its last run's request, on the embeddings of the weights just published
+        (a classifier of the previous weights no longer fits them). Returns the new run's record."""
+        return self(self.stats()["request"], datastore)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         from scripts.cells.workflow import run_embedding, run_training
@@ -171,6 +182,7 @@ class CellClassifierTrain(TrainTask):
             "labels": {name: {k: (len(v) if k == "unmatched" else v) for k, v in report.items()}
                        for name, report in summary["labels"].items()},
             "seconds": round(time.time() - started, 1),
+            "request": {k: params[k] for k in (*CONFIG_KEYS, "classes")},
         }
         write_text_atomic(self.app_config.model_dir / STATS_FILE, json.dumps(stats, indent=1))
         return stats

@@ -16,6 +16,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from .bundle import CLASS_TABLE, MODEL_FILE, NETWORK_RECORD, BundleModel, bundle_parser, workflow_configs
 from .checkpoints import carry_over
+from .classifier import CellClassifierTrain
 from .config import TRAIN_WORKFLOW, AppConfig
 from .dataset import LabelledImage, label_names, write_dataset
 from .labels import class_table, has_outlines
@@ -53,17 +54,20 @@ class CellVTATrain(TrainTask):
     (or ``classes`` in the request replaces the table), and the type head keeps the learnt rows of the classes
     both tables share. Each run lives in ``<work_dir>/run_<time>/`` (``data/``, ``train.log``, ``models/``);
     its best checkpoint (validation bPQ) and class table replace the served ones, which the inference task
-    picks up on its next request.
+    picks up on its next request. A cell classifier this app trained is then trained again with its last
+    request on the new weights' embeddings (``classifier`` in the run's record: that run's record, or the error
+    that stopped it).
 
     Args:
         model: the served bundle.
         config: the app's settings.
     """
 
-    def __init__(self, model: BundleModel, config: AppConfig) -> None:
+    def __init__(self, model: BundleModel, config: AppConfig, classifier: CellClassifierTrain | None = None) -> None:
         super().__init__("Fine-tune CellVTA on the datastore's labels with the bundle's training workflow")
         self.model = model
         self.app_config = config
+        self.classifier = classifier
 
     def config(self) -> dict[str, Any]:
         return dict(DEFAULTS)
@@ -89,7 +93,8 @@ class CellVTATrain(TrainTask):
         classes = class_table(current, label_names(items), _classes_param(params["classes"]), "datastore labels")
         info = self._served_info() if served else None
         network = self.model.settings()
-        patch_size = int(bundle_parser(self.app_config.bundle, TRAIN_WORKFLOW, network).get_parsed_content("patch_size"))
+        parser = bundle_parser(self.app_config.bundle, TRAIN_WORKFLOW, network)
+        patch_size = int(parser.get_parsed_content("patch_size"))
         splits = write_dataset(
             items, run_dir / "data", classes, info.tissues if info else ["tissue"],
             info.magnification if info else 40, patch_size, float(params["val_split"]), int(params["seed"]),
@@ -110,10 +115,21 @@ class CellVTATrain(TrainTask):
                                 if initial.is_relative_to(self.app_config.work_dir) else "served model.pt"),
             "seconds": round(time.time() - started, 1),
         }
+        if self.classifier is not None and self.classifier.trained_here():
+            stats["classifier"] = self._retrain_classifier(datastore)
         from scripts.files import write_text_atomic
 
         write_text_atomic(self.app_config.model_dir / STATS_FILE, json.dumps(stats, indent=1))
         return stats
+
+    def _retrain_classifier(self, datastore: Datastore) -> dict[str, Any]:
+        """The cell classifier trained again on the published weights: its run's record, or ``{"error": ...}``
+        (the served classifier then still belongs to the previous weights and inference refuses it, naming it)."""
+        try:
+            return self.classifier.retrain(datastore)
+        except (ValueError, OSError, RuntimeError) as err:
+            print(f"the cell classifier was not trained again on the new weights: {err}", flush=True)
+            return {"error": str(err)}
 
     def _served_info(self):
         from scripts.data.datasets import read_info

@@ -459,7 +459,8 @@ def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry
         tiles.append(part_tiles)
         tissue.append(part_tissue)
     probabilities = np.concatenate(tissue[1:]) if n_parts else tissue[0]
-    suffixes = OUTPUTS + (EMBEDDING_OUTPUTS if embeddings else ()) + ((TISSUE_OUTPUT,) if probabilities.shape[1] else ())
+    suffixes = (OUTPUTS + (EMBEDDING_OUTPUTS if embeddings else ())
+                + ((TISSUE_OUTPUT,) if probabilities.shape[1] else ()))
     suffixes += (GZIP_OUTPUT,) if gzip_level else ()
     with SlideOutputs(output_dir, name, suffixes) as tmp:
         if not cv2.imwrite(str(tmp["_mask.png"]), thumbnail.analysed.astype(np.uint8) * 255):
