@@ -28,7 +28,9 @@ and stores the CoNSeP mosaic, about 30 MB in all), then on the GPU machine, with
 
     python bench/gpu.py --bundle outputs/gpu_bundle
 
-Without a CUDA GPU it says so and exits with status 2.
+Without a CUDA GPU it says so and exits with status 2. ``--smoke`` runs every stage on the CPU at small shapes
+(ViT-T backbone, 1024x1024 slide) to check the script itself before GPU time is spent on it; it prints the JSON
+object and records nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +72,33 @@ WHEELS = {
     "shapely": "shapely==2.2.0",
 }
 WHEEL_PYTHON = "3.12"
-BATCHES = (1, 16, 64)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-SLIDE_SIDE = 8192
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What a run measures: the GPU run's device and shapes, or the CPU smoke run's small ones."""
+
+    device: str
+    backbone: str  # of CellVTA and CellViT (``models``, ``precision``, ``wsi``)
+    batches: tuple[int, ...]  # tiles per network call in ``models``
+    precisions: tuple[str, ...]  # of ``models`` (keys of PRECISIONS)
+    msda_batches: tuple[int, ...]
+    slide_side: int  # pixels of the generated slide of ``wsi``
+    tiles: int  # mosaic tiles compared in ``models`` and ``precision``
+    calibration_tiles: int  # mosaic tiles calibrating the realistic weights' BatchNorm in ``precision``
+    parity_tests: tuple[str, ...]
+    wsi_dtype: torch.dtype | None  # of the network in ``wsi`` (None: float32)
+    vit_kwargs: dict = field(default_factory=dict)
+
+
+GPU_RUN = Scale("cuda", "uni", (1, 16, 64), ("fp32", "fp16", "bf16"), (1, 32), 8192, 16, 16,
+                ("tests/test_cuda_msda.py", "tests/test_msda_op.py"), torch.bfloat16)
+# this project's CPUs emulate half precision (CellVTA's autocast forward runs ~50x slower than float32): the smoke
+# run's models and whole-slide stages stay in float32, the precision stage still runs every CPU path once
+SMOKE_RUN = Scale("cpu", "vit-t", (1, 2), ("fp32",), (1,), 512, 1, 2, ("tests/test_cuda_msda.py",), None,
+                  {"depth": 4})
 
 
 def no_gpu_exit() -> None:
@@ -89,10 +115,17 @@ def no_gpu_exit() -> None:
 # --- preparation (on a machine with internet) -------------------------------------------------------------------
 
 
-def prepare(bundle: Path) -> None:
-    """Download the wheels into ``bundle/wheels`` and store the CoNSeP mosaic as ``bundle/mosaic.npz``."""
+def store_mosaic(bundle: Path) -> None:
+    """The CoNSeP mosaic (``bench/wsi.py``) as ``bundle/mosaic.npz``."""
     from wsi import mosaic
 
+    bundle.mkdir(parents=True, exist_ok=True)
+    image, inst, types = mosaic()
+    np.savez_compressed(bundle / "mosaic.npz", image=image, inst=inst, types=types)
+
+
+def prepare(bundle: Path) -> None:
+    """Download the wheels into ``bundle/wheels`` and store the CoNSeP mosaic as ``bundle/mosaic.npz``."""
     wheels = bundle / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -101,8 +134,7 @@ def prepare(bundle: Path) -> None:
          "--platform", "manylinux_2_28_x86_64", "-d", str(wheels), *WHEELS.values()],
         check=True,
     )
-    image, inst, types = mosaic()
-    np.savez_compressed(bundle / "mosaic.npz", image=image, inst=inst, types=types)
+    store_mosaic(bundle)
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"prepared {bundle} ({size / 2**20:.0f} MiB): carry it to the GPU machine and run "
           f"python bench/gpu.py --bundle {bundle}")
@@ -126,39 +158,52 @@ def install_bundle(bundle: Path) -> None:
 # --- timing ---------------------------------------------------------------------------------------------------------
 
 
-def gpu_median(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` with the GPU synchronised around each run."""
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` with ``device`` synchronised around each run."""
+    from precision import synchronise
+
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    synchronise(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronise(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """Peak GPU memory allocated since the last reset, in GiB (None on the CPU)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 # --- stages ---------------------------------------------------------------------------------------------------------
 
 
-def stage_build() -> dict:
+def stage_build(scale: Scale) -> dict:
     import custom_ops
     from custom_ops import build, selfcheck
 
     started = time.perf_counter()
     path = build.load_library()
     seconds = time.perf_counter() - started
-    impl = custom_ops.implementation("cuda")
+    impl = custom_ops.implementation(scale.device)
     return {"library": Path(path).name, "build_s": round(seconds, 1), "implementation": impl,
-            "self_check_failure": selfcheck.failure("cuda")}
+            "self_check_failure": selfcheck.failure(scale.device)}
 
 
-def stage_parity(out: Path | None) -> dict:
+def stage_parity(scale: Scale, out: Path | None) -> dict:
     report = Path(tempfile.mkdtemp()) / "junit.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-               "tests/test_cuda_msda.py", "tests/test_msda_op.py", f"--junitxml={report}"]
+               *scale.parity_tests, f"--junitxml={report}"]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=480)
     log = result.stdout + result.stderr
@@ -175,26 +220,27 @@ def stage_parity(out: Path | None) -> dict:
             "failed": failed[:20], "exit_code": result.returncode, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def stage_msda(repeats: int) -> dict:
+def stage_msda(scale: Scale, repeats: int) -> dict:
     import msda
     from custom_ops import ms_deform_attn, ms_deform_attn_reference
 
     os.environ["CELLVTA_MSDA_IMPL"] = "compiled"
+    device = torch.device(scale.device)
     generator = torch.Generator().manual_seed(0)
     result: dict[str, float] = {}
     max_diff = 0.0
     for case in msda.CASES:
-        for batch in (1, 32):
-            inputs = tuple(t.cuda() for t in msda.make_inputs(case, batch, generator))
+        for batch in scale.msda_batches:
+            inputs = tuple(t.to(device) for t in msda.make_inputs(case, batch, generator))
             with torch.no_grad():
                 out = ms_deform_attn(*inputs)
                 max_diff = max(max_diff, (out - ms_deform_attn_reference(*inputs)).abs().max().item())
-            grad = torch.randn(out.shape, generator=generator).cuda()
+            grad = torch.randn(out.shape, generator=generator).to(device)
             for mode in ("fwd", "fwdbwd"):
                 times = {}
                 for name, fn in (("compiled", ms_deform_attn), ("reference", ms_deform_attn_reference)):
                     run = msda.fwd_only(fn, inputs) if mode == "fwd" else msda.fwd_bwd(fn, inputs, grad)
-                    times[name] = gpu_median(run, repeats)
+                    times[name] = median_seconds(run, device, repeats)
                 key = f"{case}_b{batch}_{mode}"
                 result[f"{key}_compiled_ms"] = round(times["compiled"] * 1e3, 3)
                 result[f"{key}_reference_ms"] = round(times["reference"] * 1e3, 3)
@@ -217,52 +263,58 @@ def mosaic_tiles(bundle: Path | None) -> tuple[np.ndarray, np.ndarray]:
     return split(image), split(inst)
 
 
-def stage_models(bundle: Path | None, repeats: int) -> dict:
+def stage_models(scale: Scale, bundle: Path | None, repeats: int) -> dict:
     from precision import compare, normalise
     from scripts.model.network import CellVTA, CellViT
 
     os.environ["CELLVTA_MSDA_IMPL"] = "compiled"
+    device = torch.device(scale.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    real = mosaic_tiles(bundle)[0][:16]
+    real = mosaic_tiles(bundle)[0][:scale.tiles]
     result: dict[str, dict] = {}
-    for name, cls in (("cellvta_l", CellVTA), ("cellvit_l", CellViT)):
+    for name, cls in (("cellvta", CellVTA), ("cellvit", CellViT)):
         torch.manual_seed(0)
-        network = cls("uni", num_nuclei_classes=len(CLASSES), num_tissue_classes=19, device="cuda").eval()
-        entry: dict[str, dict] = {}
-        x_real = normalise(real, network).cuda()
+        network = cls(scale.backbone, num_nuclei_classes=len(CLASSES), num_tissue_classes=19,
+                      vit_kwargs=scale.vit_kwargs, device=device).eval()
+        entry: dict[str, dict] = {"backbone": scale.backbone}
+        x_real = normalise(real, network).to(device)
         outputs = {}
-        for precision, dtype in PRECISIONS.items():
-            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+        for precision in scale.precisions:
+            dtype = PRECISIONS[precision]
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                        enabled=dtype is not None):
                 outputs[precision] = {k: v.float() for k, v in network(x_real).items()}
-                for batch in BATCHES:
-                    x = x_real.repeat((batch + 15) // 16, 1, 1, 1)[:batch].contiguous()
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    seconds = gpu_median(lambda: network(x), repeats)
-                    entry[f"{precision}_b{batch}"] = {
-                        "tiles_per_s": round(batch / seconds, 1),
-                        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                    }
-        for precision in ("fp16", "bf16"):
+                for batch in scale.batches:
+                    x = x_real.repeat(-(-batch // len(x_real)), 1, 1, 1)[:batch].contiguous()
+                    reset_peak_memory(device)
+                    seconds = median_seconds(lambda: network(x), device, repeats)
+                    entry[f"{precision}_b{batch}"] = {"tiles_per_s": round(batch / seconds, 1),
+                                                      "peak_gpu_gb": peak_memory_gb(device)}
+        for precision in [p for p in scale.precisions if p != "fp32"]:
             entry[f"{precision}_vs_fp32"] = compare(outputs["fp32"], outputs[precision])
         result[name] = entry
         del network
-        torch.cuda.empty_cache()
+        reset_peak_memory(device)
     return result
 
 
-def stage_precision(bundle: Path | None) -> dict:
-    """``bench/precision.py``'s measurement of CellVTA-L (UNI preset, realistic weights calibrated on 16 mosaic
-    tiles) on 16 other tiles: CUDA fp16/bf16 autocast, and the CPU paths where the host CPU has native bf16."""
+def stage_precision(scale: Scale, bundle: Path | None) -> dict:
+    """``bench/precision.py``'s measurement of CellVTA (the run's backbone, realistic weights calibrated on the
+    mosaic's last ``scale.calibration_tiles`` tiles) on its first ``scale.tiles``: the device's fast paths (CUDA
+    fp16/bf16 autocast), and the CPU paths where the host CPU has native bf16."""
     from precision import measure, realistic_network
     from scripts.model.precision import default_precision
 
     os.environ["CELLVTA_MSDA_IMPL"] = "compiled"
+    device = torch.device(scale.device)
     images, inst = mosaic_tiles(bundle)
-    network = realistic_network("uni", images[48:], seed=0, device=torch.device("cuda"))
-    result = {"weights": "realistic fixture (seed 0)", "backbone": "uni", "tiles": 16,
-              "cuda": measure(network, images[:16], inst[:16], torch.device("cuda"), batch_size=8)}
+    network = realistic_network(scale.backbone, images[-scale.calibration_tiles:], seed=0, device=device,
+                                vit_kwargs=scale.vit_kwargs)
+    result = {"weights": "realistic fixture (seed 0)", "backbone": scale.backbone, "tiles": scale.tiles,
+              device.type: measure(network, images[:scale.tiles], inst[:scale.tiles], device, batch_size=8)}
     cpu = torch.device("cpu")
+    if device == cpu:
+        return result
     if default_precision(cpu) == torch.bfloat16:
         torch.set_num_threads(os.cpu_count() or 1)
         result["cpu"] = measure(network.to(cpu), images[:4], inst[:4], cpu, batch_size=1)
@@ -308,7 +360,7 @@ class NetworkThenOracle:
         return self.oracle(tiles, origins)
 
 
-def stage_wsi(bundle: Path | None, workers: int, batch_size: int) -> dict:
+def stage_wsi(scale: Scale, bundle: Path | None, workers: int, batch_size: int, repeats: int) -> dict:
     from scripts.model.network import CellVTA
     from scripts.slides.predictors import NetworkPredictor
     from scripts.slides.pyramid import PeriodicImage, write_pyramidal_tiff
@@ -319,18 +371,23 @@ def stage_wsi(bundle: Path | None, workers: int, batch_size: int) -> dict:
         raise FileNotFoundError("the CoNSeP mosaic is absent: run with --bundle (see the module docstring)")
     with np.load(bundle / "mosaic.npz") as data:
         image, inst, types = data["image"], data["inst"], data["types"]
+    device = torch.device(scale.device)
     work = Path(tempfile.mkdtemp(prefix="cellvta_gpu_wsi_"))
-    slide = work / f"consep_{SLIDE_SIDE}.tif"
-    write_pyramidal_tiff(slide, PeriodicImage(image, SLIDE_SIDE, SLIDE_SIDE), mpp=0.25, compression="deflate")
+    slide = work / f"consep_{scale.slide_side}.tif"
+    write_pyramidal_tiff(slide, PeriodicImage(image, scale.slide_side, scale.slide_side), mpp=0.25,
+                         compression="deflate")
     torch.manual_seed(0)
-    network = CellVTA("uni", num_nuclei_classes=len(CLASSES), num_tissue_classes=19, device="cuda")
-    network_predictor = NetworkPredictor(network, "cuda", len(CLASSES), dtype=torch.bfloat16)
+    network = CellVTA(scale.backbone, num_nuclei_classes=len(CLASSES), num_tissue_classes=19,
+                      vit_kwargs=scale.vit_kwargs, device=device)
+    network_predictor = NetworkPredictor(network, device, len(CLASSES), dtype=scale.wsi_dtype or torch.float32)
     oracle = GroundTruthPredictor(inst, types, len(CLASSES), periodic=True)
     settings = WSISettings(postprocess_workers=workers, batch_size=batch_size, chunk_tiles=256,
                            read_threads=4)
     pool = postprocess_pool(workers)
-    result: dict[str, float | int | bool | None] = {"slide_px": SLIDE_SIDE, "workers": workers,
-                                                    "batch_size": batch_size, "precision": "bf16"}
+    result: dict[str, float | int | bool | None] = {"slide_px": scale.slide_side, "workers": workers,
+                                                    "batch_size": batch_size,
+                                                    "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}
+                                                    .get(scale.wsi_dtype, "fp32")}
     try:
         runs = {"pipeline": NetworkThenOracle(network_predictor, oracle), "oracle_only": oracle}
         for name, predictor in runs.items():
@@ -348,7 +405,7 @@ def stage_wsi(bundle: Path | None, workers: int, batch_size: int) -> dict:
             pool.shutdown()
     tiles = mosaic_tiles(bundle)[0][:batch_size]
     origins = np.zeros((batch_size, 2), dtype=np.int64)
-    seconds = gpu_median(lambda: network_predictor(tiles, origins), repeats=10)
+    seconds = median_seconds(lambda: network_predictor(tiles, origins), device, repeats)
     result["network_only_tiles_per_s"] = round(batch_size / seconds, 1)
     result["postprocessing_keeps_up"] = result["pipeline_tiles_per_s"] >= 0.9 * result["network_only_tiles_per_s"]
     shutil.rmtree(work, ignore_errors=True)
@@ -365,23 +422,33 @@ def main() -> None:
     parser.add_argument("--wsi-batch", type=int, default=32, help="tiles per network call in the whole-slide run")
     parser.add_argument("--stages", default="build,parity,msda,models,precision,wsi",
                         help="comma-separated stages to run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every stage on the CPU at small shapes, recording nothing (checks the script)")
     args = parser.parse_args()
     if args.prepare:
         prepare(args.prepare)
         return
-    if not torch.cuda.is_available():
-        no_gpu_exit()
+    if args.smoke:
+        scale, repeats, workers, wsi_batch = SMOKE_RUN, 1, 2, 4
+        args.bundle = args.bundle or Path(tempfile.mkdtemp(prefix="cellvta_gpu_smoke_"))
+        if not (args.bundle / "mosaic.npz").is_file():
+            store_mosaic(args.bundle)
+    else:
+        if not torch.cuda.is_available():
+            no_gpu_exit()
+        scale, repeats, workers, wsi_batch = GPU_RUN, args.repeats, args.workers, args.wsi_batch
     if args.bundle:
         install_bundle(args.bundle)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
-    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    result: dict = {"device": torch.cuda.get_device_name() if scale.device == "cuda" else "cpu (smoke run)",
+                    "torch": torch.__version__, "cuda": torch.version.cuda}
     stages = {
-        "build": stage_build,
-        "parity": lambda: stage_parity(out),
-        "msda": lambda: stage_msda(args.repeats),
-        "models": lambda: stage_models(args.bundle, args.repeats),
-        "precision": lambda: stage_precision(args.bundle),
-        "wsi": lambda: stage_wsi(args.bundle, args.workers, args.wsi_batch),
+        "build": lambda: stage_build(scale),
+        "parity": lambda: stage_parity(scale, out),
+        "msda": lambda: stage_msda(scale, repeats),
+        "models": lambda: stage_models(scale, args.bundle, repeats),
+        "precision": lambda: stage_precision(scale, args.bundle),
+        "wsi": lambda: stage_wsi(scale, args.bundle, workers, wsi_batch, repeats),
     }
     for name in args.stages.split(","):
         started = time.perf_counter()
@@ -391,6 +458,9 @@ def main() -> None:
             traceback.print_exc()
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"stage {name} ({time.perf_counter() - started:.0f} s): {json.dumps(result[name])}", flush=True)
+    if args.smoke:
+        print(json.dumps(result), flush=True)
+        return
     path = record("gpu", result)
     if out is not None:
         shutil.copy(path, out / path.name)

@@ -46,8 +46,9 @@ def reference_points(grids: list[tuple[int, int]]) -> torch.Tensor:
 
 def make_inputs(case: str, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Inputs as MSDeformAttn builds them: reference points plus offsets of a few pixels, softmax weights."""
-    levels = CASES[case]["levels"]
-    query_grids = [CASES[case]["queries"]] if CASES[case]["queries"] else [(16, 16)] * 0 + [(64, 64), (32, 32), (16, 16)]
+    levels, queries = CASES[case]["levels"], CASES[case]["queries"]
+    # the extractor's queries are the adapter's spatial tokens at the injector's three levels
+    query_grids = [queries] if queries else CASES["injector"]["levels"]
     shapes = torch.tensor(levels, dtype=torch.int64)
     sizes = shapes[:, 0] * shapes[:, 1]
     starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])

@@ -73,12 +73,12 @@ def normalise(images: np.ndarray, network: nn.Module) -> torch.Tensor:
 
 
 def realistic_network(backbone: str, calibration: np.ndarray, seed: int,
-                      device: torch.device = torch.device("cpu")) -> nn.Module:
-    """CellVTA in the official layout with realistic weights calibrated on the uint8 ``calibration`` images
-    (float32, eval mode, on ``device``)."""
+                      device: torch.device = torch.device("cpu"), vit_kwargs: dict | None = None) -> nn.Module:
+    """CellVTA in the official layout (``vit_kwargs`` passed to the backbone) with realistic weights calibrated on
+    the uint8 ``calibration`` images (float32, eval mode, on ``device``)."""
     torch.manual_seed(seed)
     network = CellVTA(backbone, num_nuclei_classes=NUM_CLASSES, num_tissue_classes=0, cls_through_blocks=False,
-                      official_normalization=True).to(device)
+                      official_normalization=True, vit_kwargs=vit_kwargs, device=device)
     return make_realistic(network, normalise(calibration, network).to(device), seed=seed)
 
 

@@ -1,0 +1,49 @@
+"""``bench/gpu.py``, the one prepared script of a GPU session: without a GPU it refuses clearly, and its smoke run
+takes every stage through the CPU at small shapes, so the script cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "gpu.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present: the script measures instead")
+def test_without_a_gpu_it_says_so_and_exits_non_zero():
+    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "no CUDA GPU is present" in result.stderr and "Nothing was measured" in result.stderr
+    assert not result.stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_smoke_run_takes_every_stage_through_the_cpu(consep_npz, tmp_path):
+    recorded = REPO / "bench" / "results" / "gpu.json"
+    before = recorded.read_bytes() if recorded.is_file() else None
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--bundle", str(tmp_path / "bundle")],
+                            capture_output=True, text=True, timeout=1700)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    stages = ("build", "parity", "msda", "models", "precision", "wsi")
+    assert not [s for s in stages if "error" in report[s]], {s: report[s] for s in stages if "error" in report[s]}
+    assert report["build"]["implementation"] == "compiled" and report["build"]["self_check_failure"] is None
+    assert report["parity"]["exit_code"] == 0 and report["parity"]["tests"] > 0
+    assert report["msda"]["max_abs_diff_fwd"] < 1e-5
+    for model in ("cellvta", "cellvit"):
+        entry = report["models"][model]
+        assert entry["backbone"] == "vit-t" and entry["fp32_b2"]["tiles_per_s"] > 0
+    precision = report["precision"]["cpu"]
+    assert set(precision) == {"fp32", "cpu_bf16", "cpu_bf16_autocast", "cpu_bf16_uniform"}
+    assert 0.5 < precision["cpu_bf16"]["type_argmax_agreement"] <= 1
+    wsi = report["wsi"]
+    assert wsi["tiles"] == 9 and wsi["cells"] > 50 and wsi["network_only_tiles_per_s"] > 0
+    # a smoke run records nothing
+    assert (recorded.read_bytes() if recorded.is_file() else None) == before
