@@ -1,7 +1,7 @@
 """Benchmark: compiled MSDA kernels against the grid_sample reference at CellVTA's shapes.
 
-Shapes for a 256x256 input (bundles/cellvta/docs/architecture.md, "Deformable-attention inputs"), 8 heads x 64 channels, 4 points:
-injector = 256 queries over levels 64², 32², 16² (5376 values); extractor = 5376 queries over
+Shapes for a 256x256 input (bundles/cellvta/docs/architecture.md, "Deformable-attention inputs"), 8 heads x 64
+channels, 4 points: injector = 256 queries over levels 64², 32², 16² (5376 values); extractor = 5376 queries over
 one 16² level. Both implementations run in the same process on 2 threads, float32, their
 runs interleaved; each time is the median of ``--repeats`` runs after warm-up.
 
