@@ -20,7 +20,7 @@
 
 Each stage's errors are caught and recorded, so one failing stage does not lose the others. The result is printed
 as one JSON object on the last line, written to ``bench/results/gpu.json`` and, when ``$OUT`` is set, copied
-there with the pytest report.
+there with the pytest report; ``$OUT/gpu_stages.json`` holds the stages finished so far after each one.
 
 The GPU machine has no internet and may lack MONAI, pytest and tifffile: on a machine with internet first run
 ``python bench/gpu.py --prepare outputs/gpu_bundle`` (downloads the pure-Python and small wheels for Python 3.12
@@ -458,6 +458,8 @@ def main() -> None:
             traceback.print_exc()
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"stage {name} ({time.perf_counter() - started:.0f} s): {json.dumps(result[name])}", flush=True)
+        if out is not None:  # what a run stopped by its time limit had measured still comes back
+            (out / "gpu_stages.json").write_text(json.dumps(result, indent=1))
     if args.smoke:
         print(json.dumps(result), flush=True)
         return

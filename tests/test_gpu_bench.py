@@ -4,6 +4,7 @@ takes every stage through the CPU at small shapes, so the script cannot rot betw
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +29,15 @@ def test_without_a_gpu_it_says_so_and_exits_non_zero():
 def test_the_smoke_run_takes_every_stage_through_the_cpu(consep_npz, tmp_path):
     recorded = REPO / "bench" / "results" / "gpu.json"
     before = recorded.read_bytes() if recorded.is_file() else None
+    out = tmp_path / "out"
+    out.mkdir()
     result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--bundle", str(tmp_path / "bundle")],
-                            capture_output=True, text=True, timeout=1700)
+                            capture_output=True, text=True, timeout=1700, env={**os.environ, "OUT": str(out)})
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    # after each stage the stages so far are in $OUT (a run stopped by its time limit keeps them)
+    assert json.loads((out / "gpu_stages.json").read_text()) == report
+    assert (out / "parity_junit.xml").is_file() and (out / "parity_pytest.log").is_file()
     stages = ("build", "parity", "msda", "models", "precision", "wsi")
     assert not [s for s in stages if "error" in report[s]], {s: report[s] for s in stages if "error" in report[s]}
     assert report["build"]["implementation"] == "compiled" and report["build"]["self_check_failure"] is None
