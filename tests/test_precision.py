@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,13 @@ import torch
 from torch import nn
 
 from scripts.model.network import CellViT, CellVTA
-from scripts.model.precision import NORMALISATIONS, STREAM_PARAMETERS, convert_to_low_precision
+from scripts.model.precision import (
+    NORMALISATIONS,
+    STREAM_PARAMETERS,
+    convert_to_low_precision,
+    default_precision,
+    prepare_for_inference,
+)
 from tests.test_network import small_cellvta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -123,3 +130,14 @@ def test_every_encoder_family_runs_in_the_cpu_bf16_path(backbone, vit_kwargs):
     for key in KEYS:
         assert low[key].shape == reference[key].shape, key
         assert (low[key].float() - reference[key]).abs().mean() < 0.01 * reference[key].abs().mean(), key
+
+
+@pytest.mark.skipif(default_precision(torch.device("cpu")) == torch.bfloat16, reason="this CPU has native bf16")
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_warned_about():
+    network = small_cellvta()
+    with pytest.warns(UserWarning, match="emulates it"):
+        assert prepare_for_inference(network, torch.device("cpu"), torch.bfloat16) == torch.bfloat16
+    assert {m.weight.dtype for m in network.modules() if isinstance(m, nn.Linear)} == {torch.bfloat16}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default precision here is float32: nothing to warn about
+        assert prepare_for_inference(small_cellvta(), torch.device("cpu")) == torch.float32

@@ -10,6 +10,7 @@ the adapter's pyramid stream and their normalisations accumulate in float32, as 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -72,5 +73,8 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     dtype = dtype or default_precision(device)
     model.eval().to(device)
     if device.type == "cpu" and dtype != torch.float32:
+        if default_precision(device) == torch.float32:
+            warnings.warn(f"{dtype} inference on a CPU without native bf16 instructions (AVX512-BF16, AMX): the CPU "
+                          "emulates it, several times slower than float32 (the default here)", stacklevel=2)
         convert_to_low_precision(model, dtype)
     return dtype
