@@ -127,9 +127,9 @@ class CellVTATrain(TrainTask):
         (the served classifier then still belongs to the previous weights and inference refuses it, naming it)."""
         try:
             return self.classifier.retrain(datastore)
-        except (ValueError, OSError, RuntimeError) as err:
+        except Exception as err:  # the new weights are published: their run's record must be written whatever failed
             print(f"the cell classifier was not trained again on the new weights: {err}", flush=True)
-            return {"error": str(err)}
+            return {"error": f"{type(err).__name__}: {err}"}
 
     def _served_info(self):
         from scripts.data.datasets import read_info
