@@ -29,7 +29,7 @@ and stores the CoNSeP mosaic, about 30 MB in all), then on the GPU machine, with
     python bench/gpu.py --bundle outputs/gpu_bundle
 
 Without a CUDA GPU it says so and exits with status 2. ``--smoke`` runs every stage on the CPU at small shapes
-(ViT-T backbone, 1024x1024 slide) to check the script itself before GPU time is spent on it; it prints the JSON
+(ViT-T backbone, 512x512 slide) to check the script itself before GPU time is spent on it; it prints the JSON
 object and records nothing.
 """
 
@@ -89,15 +89,15 @@ class Scale:
     tiles: int  # mosaic tiles compared in ``models`` and ``precision``
     calibration_tiles: int  # mosaic tiles calibrating the realistic weights' BatchNorm in ``precision``
     parity_tests: tuple[str, ...]
-    wsi_dtype: torch.dtype | None  # of the network in ``wsi`` (None: float32)
+    wsi_precision: str  # of the network in ``wsi`` (a key of PRECISIONS)
     vit_kwargs: dict = field(default_factory=dict)
 
 
 GPU_RUN = Scale("cuda", "uni", (1, 16, 64), ("fp32", "fp16", "bf16"), (1, 32), 8192, 16, 16,
-                ("tests/test_cuda_msda.py", "tests/test_msda_op.py"), torch.bfloat16)
+                ("tests/test_cuda_msda.py", "tests/test_msda_op.py"), "bf16")
 # this project's CPUs emulate half precision (CellVTA's autocast forward runs ~50x slower than float32): the smoke
 # run's models and whole-slide stages stay in float32, the precision stage still runs every CPU path once
-SMOKE_RUN = Scale("cpu", "vit-t", (1, 2), ("fp32",), (1,), 512, 1, 2, ("tests/test_cuda_msda.py",), None,
+SMOKE_RUN = Scale("cpu", "vit-t", (1, 2), ("fp32",), (1,), 512, 1, 2, ("tests/test_cuda_msda.py",), "fp32",
                   {"depth": 4})
 
 
@@ -250,17 +250,23 @@ def stage_msda(scale: Scale, repeats: int) -> dict:
     return result
 
 
-def mosaic_tiles(bundle: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """The mosaic's 64 real 256x256 CoNSeP tiles: uint8 ``(64, 256, 256, 3)`` and instance maps ``(64, 256, 256)``."""
+def load_mosaic(bundle: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bundle's ``(2048, 2048, 3)`` CoNSeP mosaic, its instance ids and its types (``store_mosaic``)."""
     if bundle is None or not (bundle / "mosaic.npz").is_file():
         raise FileNotFoundError("the CoNSeP mosaic is absent: run with --bundle (see the module docstring)")
     with np.load(bundle / "mosaic.npz") as data:
-        image, inst = data["image"], data["inst"]
+        return data["image"], data["inst"], data["types"]
 
-    def split(a: np.ndarray) -> np.ndarray:
-        return np.stack([a[y:y + 256, x:x + 256] for y in range(0, 2048, 256) for x in range(0, 2048, 256)])
 
-    return split(image), split(inst)
+def split_tiles(a: np.ndarray) -> np.ndarray:
+    """A ``(2048, 2048, ...)`` mosaic map as its 64 tiles ``(64, 256, 256, ...)``, row by row."""
+    return np.stack([a[y:y + 256, x:x + 256] for y in range(0, 2048, 256) for x in range(0, 2048, 256)])
+
+
+def mosaic_tiles(bundle: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The mosaic's 64 real 256x256 CoNSeP tiles: uint8 ``(64, 256, 256, 3)`` and instance maps ``(64, 256, 256)``."""
+    image, inst, _ = load_mosaic(bundle)
+    return split_tiles(image), split_tiles(inst)
 
 
 def stage_models(scale: Scale, bundle: Path | None, repeats: int) -> dict:
@@ -367,10 +373,7 @@ def stage_wsi(scale: Scale, bundle: Path | None, workers: int, batch_size: int, 
     from scripts.slides.wsi import WSISettings, postprocess_pool, run_slide
     from tests.oracle import GroundTruthPredictor
 
-    if bundle is None or not (bundle / "mosaic.npz").is_file():
-        raise FileNotFoundError("the CoNSeP mosaic is absent: run with --bundle (see the module docstring)")
-    with np.load(bundle / "mosaic.npz") as data:
-        image, inst, types = data["image"], data["inst"], data["types"]
+    image, inst, types = load_mosaic(bundle)
     device = torch.device(scale.device)
     work = Path(tempfile.mkdtemp(prefix="cellvta_gpu_wsi_"))
     slide = work / f"consep_{scale.slide_side}.tif"
@@ -379,15 +382,14 @@ def stage_wsi(scale: Scale, bundle: Path | None, workers: int, batch_size: int, 
     torch.manual_seed(0)
     network = CellVTA(scale.backbone, num_nuclei_classes=len(CLASSES), num_tissue_classes=19,
                       vit_kwargs=scale.vit_kwargs, device=device)
-    network_predictor = NetworkPredictor(network, device, len(CLASSES), dtype=scale.wsi_dtype or torch.float32)
+    dtype = PRECISIONS[scale.wsi_precision] or torch.float32
+    network_predictor = NetworkPredictor(network, device, len(CLASSES), dtype=dtype)
     oracle = GroundTruthPredictor(inst, types, len(CLASSES), periodic=True)
     settings = WSISettings(postprocess_workers=workers, batch_size=batch_size, chunk_tiles=256,
                            read_threads=4)
     pool = postprocess_pool(workers)
     result: dict[str, float | int | bool | None] = {"slide_px": scale.slide_side, "workers": workers,
-                                                    "batch_size": batch_size,
-                                                    "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}
-                                                    .get(scale.wsi_dtype, "fp32")}
+                                                    "batch_size": batch_size, "precision": scale.wsi_precision}
     try:
         runs = {"pipeline": NetworkThenOracle(network_predictor, oracle), "oracle_only": oracle}
         for name, predictor in runs.items():
@@ -403,7 +405,7 @@ def stage_wsi(scale: Scale, bundle: Path | None, workers: int, batch_size: int, 
     finally:
         if pool is not None:
             pool.shutdown()
-    tiles = mosaic_tiles(bundle)[0][:batch_size]
+    tiles = split_tiles(image)[:batch_size]
     origins = np.zeros((batch_size, 2), dtype=np.int64)
     seconds = median_seconds(lambda: network_predictor(tiles, origins), device, repeats)
     result["network_only_tiles_per_s"] = round(batch_size / seconds, 1)

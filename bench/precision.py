@@ -14,9 +14,9 @@ calibrated on other CoNSeP patches). Paths, each against the same network in flo
 With ``--network`` a network trained by ``bench/encoders.py`` replaces the fixture (its PQ against the ground
 truth means something; the fixture's is near 0). For each path: the max |difference| of the nuclei probability
 and of the HV maps, the type-map argmax agreement, the binary PQ of the HoVer-Net post-processed instances
-against the ground truth (mean over tiles) and its change from float32's, and the forward time per tile relative to float32 (``speedup``). bf16 is fast on CPUs with
-native bf16 instructions (AVX512-BF16, AMX: ``native_bf16``); elsewhere the CPU emulates it and the speedup
-says nothing about the path.
+against the ground truth (mean over tiles) and its change from float32's, and the forward time per tile relative
+to float32 (``speedup``). bf16 is fast on CPUs with native bf16 instructions (AVX512-BF16, AMX: ``native_bf16``);
+elsewhere the CPU emulates it and the speedup says nothing about the path.
 
     python bench/precision.py [--backbone uni] [--tiles 8] [--device cpu|cuda]
     python bench/precision.py --network outputs/bench/encoders/cellvta_vit_s.pt

@@ -70,10 +70,11 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     Returns:
         The dtype inputs should be given in (CPU) or the autocast dtype (CUDA).
     """
-    dtype = dtype or default_precision(device)
+    default = default_precision(device)
+    dtype = dtype or default
     model.eval().to(device)
     if device.type == "cpu" and dtype != torch.float32:
-        if default_precision(device) == torch.float32:
+        if default == torch.float32:
             warnings.warn(f"{dtype} inference on a CPU without native bf16 instructions (AVX512-BF16, AMX): the CPU "
                           "emulates it, several times slower than float32 (the default here)", stacklevel=2)
         convert_to_low_precision(model, dtype)
