@@ -50,7 +50,8 @@ def implementation(device_type: str = "cpu") -> str:
 
     try:
         build.load_library()
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("cellvta::ms_deform_attn", device_type.upper()):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "cellvta::ms_deform_attn", torch._C._dispatch_key_for_device(device_type)):
             raise build.BuildError(f"the compiled MSDA library has no kernel for {device_type} tensors")
         failure = selfcheck.failure(device_type)
         if failure is not None:
@@ -98,7 +99,7 @@ def ms_deform_attn(
         ``(N, Lq, M * D)``.
     """
     device_type = value.device.type if isinstance(value, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             return ms_deform_attn(
                 _as_float32(value), spatial_shapes, level_start_index,

@@ -58,6 +58,18 @@ def test_output_shapes(size, batch):
     assert out["features"].shape == (batch, 384, size // 16, size // 16)
 
 
+def test_the_uni_preset_runs_on_the_meta_device(monkeypatch):
+    """Shapes of a full-size model without its memory: the compiled MSDA op (autocast check, dispatch, fake kernel)
+    takes meta tensors."""
+    monkeypatch.setenv(IMPL_ENV, "compiled")
+    model = CellVTA("uni", num_nuclei_classes=6, num_tissue_classes=19, device="meta").eval()
+    out = model(torch.empty(2, 3, 256, 256, device="meta"), return_features=True)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "nuclei_binary_map": (2, 2, 256, 256), "hv_map": (2, 2, 256, 256), "nuclei_type_map": (2, 6, 256, 256),
+        "tissue_types": (2, 19), "features": (2, 1024, 16, 16)}
+    assert all(v.device.type == "meta" for v in out.values())
+
+
 def test_non_square_input_and_a_patch14_backbone():
     model = CellVTA(backbone="dinov2-s", vit_kwargs={"depth": 4}, num_nuclei_classes=3, num_tissue_classes=0).eval()
     with torch.no_grad():
