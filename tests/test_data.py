@@ -101,6 +101,26 @@ def test_writer_rejects_bad_samples(tmp_path):
     assert dataset_list(tmp_path)[0]["cell_counts"] == [0, 0, 1]
 
 
+def test_a_write_that_fails_midway_leaves_no_file_and_no_sample(tmp_path, monkeypatch, consep):
+    """A full disk while a label file is written: the error propagates, no truncated or temporary file is left and
+    the sample is not listed; the next sample is written as if nothing happened."""
+    def disk_full(file, **arrays):
+        Path(file).write_bytes(b"PK\x03\x04 truncated")
+        raise OSError(28, "No space left on device")
+
+    w = DatasetWriter(tmp_path, "full", CLASSES, ["t"], 40)
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez_compressed", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            w.add("p0", consep["images"][0], consep["inst_map"][0], consep["type_map"][0], "train")
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["p0.png"]  # rewritten whole by a retry
+    w.add("p1", consep["images"][1], consep["inst_map"][1], consep["type_map"][1], "train")
+    w.close()
+    assert [d["name"] for d in dataset_list(tmp_path)] == ["p1"]
+    np.testing.assert_array_equal(read_label(tmp_path / "labels" / "p1.npz", "inst_map"), consep["inst_map"][1])
+
+
 def test_read_image_converts_rgba_and_rejects_16_bit(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     bgra = np.concatenate([rgb[..., ::-1], np.full((8, 8, 1), 128, np.uint8)], 2)

@@ -32,6 +32,7 @@ LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
 sys.path.insert(0, str(APP))
 
 from cellvta_label.checkpoints import carry_over  # noqa: E402
+from cellvta_label.config import AppConfig  # noqa: E402
 from cellvta_label.dataset import patches, split  # noqa: E402
 from cellvta_label.labels import class_table, rasterize, read_maps, read_polygons, validate_label  # noqa: E402
 from cellvta_label.regions import check_slide_request, read_region  # noqa: E402
@@ -229,6 +230,15 @@ def test_new_class_tables_keep_the_learnt_rows_of_shared_classes():
     assert state["head.weight"][3].tolist() == [4.0, 5.0, 6.0, 7.0] and (state["head.weight"][2] == -1).all()
     assert torch.equal(state["body.weight"], torch.ones(2, 2))
     assert sorted(partial) == ["head.bias", "head.weight"]
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr("cellvta_label.config.time.strftime", lambda fmt: "20261207_101500")
+    config = AppConfig(bundle=BUNDLE, model_dir=tmp_path / "model", work_dir=tmp_path / "runs")
+    runs = [config.new_run_dir("classifier") for _ in range(3)] + [config.new_run_dir("run")]
+    assert [r.name for r in runs] == ["classifier_20261207_101500", "classifier_20261207_101500_2",
+                                      "classifier_20261207_101500_3", "run_20261207_101500"]
+    assert all(r.is_dir() and r.parent == tmp_path / "runs" for r in runs)
 
 
 def test_mutual_information_and_the_dihedral_views():

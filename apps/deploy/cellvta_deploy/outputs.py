@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from scripts.data.datasets import write_png
 from scripts.files import atomic_path, write_text_atomic
-from scripts.inference.writers import Colours, nuclei_features, overlay, write_maps, write_png
+from scripts.inference.writers import Colours, nuclei_features, overlay, write_maps
 
 from .bundle import NucleiPrediction
 from .inputs import LoadedImage

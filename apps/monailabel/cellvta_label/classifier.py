@@ -124,9 +124,10 @@ class CellClassifierTrain(TrainTask):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         from scripts.cells.workflow import run_embedding, run_training
+        from scripts.data.datasets import write_png
         from scripts.data.stain import NormalizeStaind
         from scripts.files import write_bytes_atomic, write_text_atomic
-        from scripts.inference.writers import class_color, write_png
+        from scripts.inference.writers import class_color
 
         params = {**self.defaults, **{k: v for k, v in request.items() if k in CONFIG_KEYS or k == "classes"}}
         started = time.time()
@@ -136,8 +137,7 @@ class CellClassifierTrain(TrainTask):
         if not items:
             raise ValueError("the datastore has no point or polygon labels: save labels with PUT /datastore/label "
                              "first")
-        run_dir = self.app_config.work_dir / time.strftime("classifier_%Y%m%d_%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir = self.app_config.new_run_dir("classifier")
         # the images the embeddings are taken from are normalised as inference normalises them
         stain = next((t for t in self.model.preprocessing() if isinstance(t, NormalizeStaind)), lambda d: d)
         found: list[str] = []

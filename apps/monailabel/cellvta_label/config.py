@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,20 @@ class AppConfig:
     progress_every: int = 16
     classifier: Path | None = None
     stain: dict[str, Any] = field(default_factory=dict)
+
+    def new_run_dir(self, kind: str) -> Path:
+        """Create and return ``<work_dir>/<kind>_<YYYYmmdd_HHMMSS>`` for one training run; a run started in the same
+        second as another gets ``_2``, ``_3``, ... so no run ever writes into another's folder."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{kind}_{time.strftime('%Y%m%d_%H%M%S')}"
+        run_dir, n = self.work_dir / stem, 1
+        while True:
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                n += 1
+                run_dir = self.work_dir / f"{stem}_{n}"
 
     @classmethod
     def from_conf(cls, app_dir: str | Path, conf: Mapping[str, str]) -> AppConfig:

@@ -85,8 +85,7 @@ class CellVTATrain(TrainTask):
             raise ValueError("the datastore has no images labelled with nucleus outlines (polygons or maps): save "
                              "labels with PUT /datastore/label first (point labels train the cell classifier, "
                              "/train/<model>_classifier)")
-        run_dir = self.app_config.work_dir / time.strftime("run_%Y%m%d_%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir = self.app_config.new_run_dir("run")
 
         served = self.model.is_ready()
         current = self.model.classes() if served else None

@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from monai.utils import optional_import
 
+from ..files import atomic_path, write_text_atomic
 from ..nuclei.primitives import class_histogram, vote_types
 from ..nuclei.primitives import relabel_sequential as relabel_sequential  # the converters' relabelling
 
@@ -104,11 +105,8 @@ def save_class_table(info: DatasetInfo, model_dir: str | Path) -> Path:
     ``read_info(model_dir)`` reads it back, so inference and export configs point their
     ``dataset_info`` at the model folder.
     """
-    path = Path(model_dir) / DATASET_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = {**info.to_json(), "samples": []}
-    path.write_text(json.dumps(table, indent=1))
-    return path
+    return write_text_atomic(Path(model_dir) / DATASET_JSON, json.dumps(table, indent=1))
 
 
 def class_names(root: str | Path, include_background: bool = True) -> list[str]:
@@ -190,6 +188,13 @@ def read_image(path: str | Path) -> np.ndarray:
         elif image.ndim == 3 and image.shape[2] == 4:
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
     return as_rgb_uint8(image, str(path))
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image ``(H, W, 3)`` as PNG, atomically; a failed write raises naming the file."""
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"{path}: could not write the PNG")
 
 
 def read_label(path: str | Path, key: str) -> np.ndarray:
@@ -288,8 +293,9 @@ class DatasetWriter:
             raise ValueError(f"{source}: tissue id {tissue} outside 0..{len(self.info.tissues) - 1}")
         image = as_rgb_uint8(image, source)
         inst_map, type_map = check_labels(image, inst_map, type_map, self.info.num_classes, source)
-        cv2.imwrite(str(self.root / IMAGE_DIR / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        np.savez_compressed(self.root / LABEL_DIR / f"{name}.npz", inst_map=inst_map, type_map=type_map)
+        write_png(self.root / IMAGE_DIR / f"{name}.png", image)
+        with atomic_path(self.root / LABEL_DIR / f"{name}.npz") as tmp:
+            np.savez_compressed(tmp, inst_map=inst_map, type_map=type_map)
         self._names.add(name)
         self.info.samples.append(
             {
@@ -303,9 +309,7 @@ class DatasetWriter:
 
     def close(self) -> Path:
         """Write ``dataset.json`` and return its path."""
-        path = self.root / DATASET_JSON
-        path.write_text(json.dumps(self.info.to_json(), indent=1))
-        return path
+        return write_text_atomic(self.root / DATASET_JSON, json.dumps(self.info.to_json(), indent=1))
 
     def __enter__(self) -> DatasetWriter:
         return self

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 from monai.utils import optional_import
 
-from ..data.datasets import read_image
-from .writers import overlay, write_geojson, write_maps, write_png
+from ..data.datasets import read_image, write_png
+from ..files import atomic_path
+from .writers import overlay, write_geojson, write_maps
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")
@@ -68,7 +69,8 @@ class PredictionSaver:
             if isinstance(label, Mapping) and "inst_map" in label:
                 arrays["gt_inst_map"] = _plane(label["inst_map"])
                 arrays["gt_type_map"] = _plane(label["nuclei_type_map"])
-            np.savez_compressed(self.output_dir / f"{name}.npz", **arrays)
+            with atomic_path(self.output_dir / f"{name}.npz") as tmp:
+                np.savez_compressed(tmp, **arrays)
 
 
 class InferenceWriter:

@@ -119,13 +119,6 @@ def overlay(image: np.ndarray, nuclei: Nuclei, colours: Colours = None) -> np.nd
     return canvas
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """Write an RGB uint8 image as PNG."""
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {path}")
-
-
 def write_maps(path: Path, inst_map: np.ndarray, type_map: np.ndarray, tissue: np.ndarray | None = None) -> None:
     """``inst_map`` (int32) and ``type_map`` (uint8) of one image as a compressed ``.npz``, with the (T,) tissue
     probabilities as ``tissue_probabilities`` (float32) when given."""
