@@ -22,11 +22,14 @@ Each stage's errors are caught and recorded, so one failing stage does not lose 
 as one JSON object on the last line, written to ``bench/results/gpu.json`` and, when ``$OUT`` is set, copied
 there with the pytest report; ``$OUT/gpu_stages.json`` holds the stages finished so far after each one.
 
-The GPU machine has no internet and may lack MONAI, pytest and tifffile: on a machine with internet first run
-``python bench/gpu.py --prepare outputs/gpu_bundle`` (downloads the pure-Python and small wheels for Python 3.12
-and stores the CoNSeP mosaic, about 30 MB in all), then on the GPU machine, with ``outputs/gpu_bundle`` carried:
+The GPU machine has no internet and lacks MONAI (and may lack pytest, tifffile or shapely, or hold an older timm):
+on a machine with internet first run ``python bench/gpu.py --prepare outputs/gpu_bundle`` (downloads the
+pure-Python and small wheels for Python 3.12 and stores the CoNSeP mosaic, about 18 MB in all), then on the GPU
+machine, with ``outputs/gpu_bundle`` carried, under the interpreter that holds its CUDA torch:
 
-    python bench/gpu.py --bundle outputs/gpu_bundle
+    python3 bench/gpu.py --bundle outputs/gpu_bundle
+
+The kernels are compiled for the GPU present only (``TORCH_CUDA_ARCH_LIST`` is set to its compute capability).
 
 Without a CUDA GPU it says so and exits with status 2. ``--smoke`` runs every stage on the CPU at small shapes
 (ViT-T backbone, 512x512 slide) to check the script itself before GPU time is spent on it; it prints the JSON
@@ -62,6 +65,7 @@ from record import record  # noqa: E402
 
 # Wheels the GPU machine may lack: module name -> pinned requirement (the versions of the project's venv).
 WHEELS = {
+    "timm": "timm==1.0.31",
     "pytest": "pytest==9.2.0",
     "pluggy": "pluggy==1.7.0",
     "iniconfig": "iniconfig==2.3.1",
@@ -71,6 +75,8 @@ WHEELS = {
     "tqdm": "tqdm==4.70.1",
     "shapely": "shapely==2.2.0",
 }
+# modules installed from the bundle also where the machine has them older than the project needs (requirements.txt)
+MINIMUM_VERSIONS = {"timm": "1.0.20"}
 WHEEL_PYTHON = "3.12"
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
@@ -99,6 +105,19 @@ GPU_RUN = Scale("cuda", "uni", (1, 16, 64), ("fp32", "fp16", "bf16"), (1, 32), 8
 # run's models and whole-slide stages stay in float32, the precision stage still runs every CPU path once
 SMOKE_RUN = Scale("cpu", "vit-t", (1, 2), ("fp32",), (1,), 512, 1, 2, ("tests/test_cuda_msda.py",), "fp32",
                   {"depth": 4})
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (in a container ``os.cpu_count``
+    may report the host's)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def no_gpu_exit() -> None:
@@ -137,16 +156,33 @@ def prepare(bundle: Path) -> None:
     store_mosaic(bundle)
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"prepared {bundle} ({size / 2**20:.0f} MiB): carry it to the GPU machine and run "
-          f"python bench/gpu.py --bundle {bundle}")
+          f"python3 bench/gpu.py --bundle {bundle}")
+
+
+def distribution(requirement: str) -> str:
+    """The normalised distribution name of a pinned requirement or a wheel file name (``Foo_Bar`` -> ``foo-bar``)."""
+    return requirement.split("==")[0].split("-")[0].lower().replace("_", "-")
+
+
+def needs_wheel(module: str) -> bool:
+    """The interpreter lacks ``module``, or has it older than ``MINIMUM_VERSIONS`` asks."""
+    if importlib.util.find_spec(module) is None:
+        return True
+    if module not in MINIMUM_VERSIONS:
+        return False
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version(distribution(WHEELS[module]))) < Version(MINIMUM_VERSIONS[module])
 
 
 def install_bundle(bundle: Path) -> None:
-    """Install the bundle's wheels the interpreter lacks into ``bundle/site`` and put that on the path."""
-    missing = [name for name in WHEELS if importlib.util.find_spec(name) is None]
+    """Install the bundle's wheels the interpreter lacks (or has too old) into ``bundle/site``, first on the path."""
+    missing = {distribution(WHEELS[module]) for module in WHEELS if needs_wheel(module)}
     site = bundle / "site"
     if missing:
-        wheels = sorted(str(w) for w in (bundle / "wheels").glob("*.whl")
-                        if w.name.split("-")[0].lower().replace("_", "-") in missing)
+        wheels = sorted(str(w) for w in (bundle / "wheels").glob("*.whl") if distribution(w.name) in missing)
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--target",
                         str(site), *wheels], check=True, stdout=subprocess.DEVNULL)
     if site.is_dir():
@@ -197,7 +233,18 @@ def stage_build(scale: Scale) -> dict:
     seconds = time.perf_counter() - started
     impl = custom_ops.implementation(scale.device)
     return {"library": Path(path).name, "build_s": round(seconds, 1), "implementation": impl,
-            "self_check_failure": selfcheck.failure(scale.device)}
+            "self_check_failure": selfcheck.failure(scale.device), "nvcc": nvcc_version()}
+
+
+def nvcc_version() -> str | None:
+    """The last line of ``nvcc --version`` of the toolkit the build uses (None without one)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = Path(CUDA_HOME or "") / "bin" / "nvcc"
+    if CUDA_HOME is None or not nvcc.is_file():
+        return None
+    lines = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return lines[-1] if lines else None
 
 
 def stage_parity(scale: Scale, out: Path | None) -> dict:
@@ -322,7 +369,7 @@ def stage_precision(scale: Scale, bundle: Path | None) -> dict:
     if device == cpu:
         return result
     if default_precision(cpu) == torch.bfloat16:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cpus())
         result["cpu"] = measure(network.to(cpu), images[:4], inst[:4], cpu, batch_size=1)
     else:
         result["cpu"] = "the host CPU has no native bf16 instructions: not measured"
@@ -390,7 +437,13 @@ def stage_wsi(scale: Scale, bundle: Path | None, workers: int, batch_size: int, 
     pool = postprocess_pool(workers)
     result: dict[str, float | int | bool | None] = {"slide_px": scale.slide_side, "workers": workers,
                                                     "batch_size": batch_size, "precision": scale.wsi_precision}
+    tiles = split_tiles(image)[:batch_size]
+    origins = np.zeros((batch_size, 2), dtype=np.int64)
     try:
+        # timed runs start warm: the GPU's kernels and plans loaded, every worker spawned and its imports done
+        network_predictor(tiles, origins)
+        if pool is not None:
+            list(pool.map(time.sleep, [1.0] * workers))
         runs = {"pipeline": NetworkThenOracle(network_predictor, oracle), "oracle_only": oracle}
         for name, predictor in runs.items():
             with GPUUtilisation() as util:
@@ -399,14 +452,13 @@ def stage_wsi(scale: Scale, bundle: Path | None, workers: int, batch_size: int, 
                 wall = time.perf_counter() - started
             result["tiles"] = summary["tiles"]
             result[f"{name}_tiles_per_s"] = round(summary["tiles"] / wall, 1)
+            result[f"{name}_writing_s"] = round(sum(summary["write_seconds"].values()), 2)
             result[f"{name}_gpu_util_percent"] = util.mean
             if name == "pipeline":
                 result["cells"] = summary.get("cells")
     finally:
         if pool is not None:
             pool.shutdown()
-    tiles = split_tiles(image)[:batch_size]
-    origins = np.zeros((batch_size, 2), dtype=np.int64)
     seconds = median_seconds(lambda: network_predictor(tiles, origins), device, repeats)
     result["network_only_tiles_per_s"] = round(batch_size / seconds, 1)
     result["postprocessing_keeps_up"] = result["pipeline_tiles_per_s"] >= 0.9 * result["network_only_tiles_per_s"]
@@ -419,7 +471,7 @@ def main() -> None:
     parser.add_argument("--prepare", type=Path, help="download the wheels and store the mosaic into this folder")
     parser.add_argument("--bundle", type=Path, help="the folder made by --prepare")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
-    parser.add_argument("--workers", type=int, default=max(8, (os.cpu_count() or 8) - 4),
+    parser.add_argument("--workers", type=int, default=max(8, usable_cpus() - 4),
                         help="whole-slide post-processing workers")
     parser.add_argument("--wsi-batch", type=int, default=32, help="tiles per network call in the whole-slide run")
     parser.add_argument("--stages", default="build,parity,msda,models,precision,wsi",
@@ -443,7 +495,10 @@ def main() -> None:
         install_bundle(args.bundle)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     result: dict = {"device": torch.cuda.get_device_name() if scale.device == "cuda" else "cpu (smoke run)",
-                    "torch": torch.__version__, "cuda": torch.version.cuda}
+                    "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": usable_cpus()}
+    if scale.device == "cuda":  # the kernels are built for this GPU only, whatever architectures the image lists
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())
+        result["cuda_arch"] = os.environ["TORCH_CUDA_ARCH_LIST"]
     stages = {
         "build": lambda: stage_build(scale),
         "parity": lambda: stage_parity(scale, out),

@@ -265,6 +265,32 @@ def test_new_weights_train_the_served_classifier_again_with_its_last_request(cel
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_a_classifier_that_cannot_be_trained_again_is_reported_and_the_new_weights_still_published(cells_server,
+                                                                                                     probe_model):
+    """After the tests above: the classifier's recorded request no longer trains (it names classes the datastore's
+    labels no longer hold, as after the labels were renamed). Fine-tuning still publishes its weights and its record says why the classifier was not trained
+    again; inference then refuses the classifier of the previous weights, naming it."""
+    record_file = probe_model / "classifier_stats.json"
+    record = json.loads(record_file.read_text())
+    record["request"]["classes"] = ["tumour", "immune"]
+    record_file.write_text(json.dumps(record))
+    weights = (probe_model / "model.pt").read_bytes()
+    started = call(cells_server, "POST", "/train/cellvta", json={"epochs": 1, "batch_size": 2})
+    assert started.status_code == 200, started.text
+    status = wait_for_training(cells_server)
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+
+    info = call(cells_server, "GET", "/info/").json()
+    error = info["train_stats"]["cellvta"]["classifier"]
+    assert list(error) == ["error"] and "unknown class(es)" in error["error"], error
+    assert info["train_stats"]["cellvta_classifier"]["run"] == record["run"]
+    assert (probe_model / "model.pt").read_bytes() != weights
+    answer = call(cells_server, "POST", "/infer/cellvta", params={"image": "cells_a", "output": "json"})
+    assert answer.status_code in (400, 422, 500) and "classifier.pt" in answer.text, answer.text
+
+
+@pytest.mark.slow
 def test_a_classifier_of_another_network_stops_the_start(label_python, consep, probe_model, tmp_path):
     from scripts.cells.classifier import CellClassifier, save_classifier
     from scripts.cells.labels import ClassTable

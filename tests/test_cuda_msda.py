@@ -82,7 +82,8 @@ def test_cuda_gradcheck_float64():
     value, shapes, starts, loc, weights = on_cuda(random_inputs(2, 2, 2, [(3, 4), (2, 2)], 3, torch.float64, seed=3))
     loc = loc.clamp(0.05, 0.95)
     args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), weights.requires_grad_())
-    assert torch.autograd.gradcheck(ms_deform_attn, args, eps=1e-6, atol=1e-8)
+    # the backward accumulates value gradients with atomicAdd, so two backward passes may differ in the last bits
+    assert torch.autograd.gradcheck(ms_deform_attn, args, eps=1e-6, atol=1e-8, nondet_tol=1e-12)
 
 
 def test_cuda_opcheck_schema_fake_and_autograd():

@@ -53,3 +53,28 @@ def test_the_smoke_run_takes_every_stage_through_the_cpu(consep_npz, tmp_path):
     assert wsi["tiles"] == 9 and wsi["cells"] > 50 and wsi["network_only_tiles_per_s"] > 0
     # a smoke run records nothing
     assert (recorded.read_bytes() if recorded.is_file() else None) == before
+
+
+@pytest.fixture
+def gpu_script(monkeypatch):
+    """``bench/gpu.py`` imported as a module (its path additions undone afterwards)."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_bench", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bundle_installs_what_the_machine_lacks_or_has_too_old(gpu_script, monkeypatch):
+    assert gpu_script.distribution("timm==1.0.31") == "timm"
+    assert gpu_script.distribution("pytest_timeout-2.4.0-py3-none-any.whl") == "pytest-timeout"
+    assert gpu_script.distribution("shapely-2.2.0-cp312-cp312-manylinux_2_28_x86_64.whl") == "shapely"
+    assert not gpu_script.needs_wheel("timm")  # requirements.txt's timm is new enough
+    monkeypatch.setitem(gpu_script.MINIMUM_VERSIONS, "timm", "99.0")
+    assert gpu_script.needs_wheel("timm")
+    monkeypatch.setitem(gpu_script.WHEELS, "no_such_module_here", "no-such-module-here==1.0")
+    assert gpu_script.needs_wheel("no_such_module_here")
+    assert 1 <= gpu_script.usable_cpus() <= (os.cpu_count() or 1)
