@@ -40,7 +40,7 @@ def test_command_line_on_folders_writes_reference_equal_tables(fixture, tmp_path
                                                  for k, n in enumerate(maps["source_name"])))
     out = tmp_path / "eval"
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.nuclei.evaluation", f"--pred={pred}", f"--gt={gt}", f"--output_dir={out}",
+        [sys.executable, "-m", "scripts.evaluate", f"--pred={pred}", f"--gt={gt}", f"--output_dir={out}",
          f"--class_names=[{','.join(NAMES)}]", f"--tissues={tissues}"],
         cwd=BUNDLE, capture_output=True, text=True, timeout=300,
     )

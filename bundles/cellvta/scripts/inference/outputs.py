@@ -34,7 +34,7 @@ class PredictionSaver:
 
     Expects a decollated engine (``engine.state.batch`` and ``engine.state.output`` lists of per-image dicts).
 
-    The files are what ``python -m scripts.nuclei.evaluation --pred=<output_dir> --gt=<output_dir>
+    The files are what ``python -m scripts.evaluate --pred=<output_dir> --gt=<output_dir>
     --gt_keys=gt_inst_map,gt_type_map`` reads.
 
     Args:

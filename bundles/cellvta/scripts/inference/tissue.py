@@ -79,7 +79,7 @@ class TissueTable:
     class) and ``p_<tissue>`` (each class's probability), in the order the images ran; written (atomically) when the
     run ends, and not at all by a network without a tissue head.
 
-    ``scripts.nuclei.evaluation`` reads it as the predicted tissues (``--pred_tissues``).
+    ``scripts.evaluate`` reads it as the predicted tissues (``--pred_tissues``).
 
     Args:
         output_dir: output folder.

@@ -1,4 +1,4 @@
-"""Evaluation entry point: predicted and ground-truth instance + type maps -> JSON and Markdown tables.
+"""Evaluation: predicted and ground-truth instance + type maps -> scores, JSON and Markdown tables.
 
 Sources of maps (``pred`` and ``gt`` alike):
 
@@ -10,14 +10,9 @@ Sources of maps (``pred`` and ``gt`` alike):
   stacked ``(N, H, W)`` maps under the two ``keys`` (names from a ``source_name`` or ``name`` key);
 - in Python, arrays: a pair ``(inst (N, H, W), type (N, H, W))`` or a list of ``(inst, type)`` pairs.
 
-Command line, from ``bundles/cellvta``::
-
-    python -m scripts.nuclei.evaluation --pred=PRED --gt=GT --output_dir=eval --num_classes=5 \\
-        --class_names='[background,other,inflammatory,epithelial,spindle]' --tissues=tissues.csv
-
 Predictions and ground truth are paired by name: an image on one side only is an error listing the names
-(``--pair_by_order`` pairs the two sources position by position instead, in name order for folders). A file
-that cannot be read (0-byte, corrupt, pickled objects) is an error naming it; nothing is unpickled.
+(``--pair_by_order`` of the command line, :mod:`scripts.evaluate`, pairs the two sources position by position
+instead, in name order for folders). A file that cannot be read (0-byte, corrupt, pickled objects) is an error naming it; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -36,7 +31,7 @@ from .metrics import METRIC_KEYS, ImageScores, evaluate_image, summarize
 
 __all__ = [
     "load_maps", "load_tissues", "class_lut", "evaluate", "json_ready", "per_image_record", "markdown_report",
-    "tissue_classification", "write_report", "main",
+    "tissue_classification", "write_report",
 ]
 
 Maps = list[tuple[str, np.ndarray, np.ndarray]]
@@ -462,55 +457,3 @@ def write_report(result: Mapping[str, object], output_dir: str | Path, stem: str
     write_text_atomic(json_path, json.dumps(result, indent=1, allow_nan=False))
     write_text_atomic(md_path, markdown_report(result))
     return json_path, md_path
-
-
-def main(
-    pred: str,
-    gt: str,
-    output_dir: str = "eval",
-    num_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-    tissues: str | None = None,
-    pred_tissues: str | None = None,
-    pred_keys: str = "inst_map,type_map",
-    gt_keys: str = "inst_map,type_map",
-    iou_threshold: float = 0.5,
-    radius_um: float = 3.0,
-    pixel_size_um: float = 0.25,
-    dummy_points: bool = False,
-    pair_by_order: bool = False,
-    classifier: str | None = None,
-    class_map: Mapping[str, str] | None = None,
-) -> None:
-    """Command line: evaluate, write ``metrics.json`` and ``metrics.md`` into ``output_dir`` and print the tables.
-
-    ``pred_tissues``: the predicted tissue of each image (tile inference's ``tissue.csv``, or any source of
-    :func:`load_tissues`), scored against ``tissues`` (:func:`tissue_classification`, classes: the labels found).
-
-    ``classifier``: the ``classifier.pt`` whose classes the predictions' type maps hold (tile inference run with
-    it), mapped to ``class_names`` by name or ``class_map`` (``--class_map='{tumour: epithelial, ...}'``).
-    """
-    pred_classes = None
-    if classifier is not None:
-        from ..cells.classifier import load_classifier
-
-        pred_classes = load_classifier(classifier)[1].names
-    result = evaluate(
-        pred, gt, num_classes, class_names, tissues, pred_keys, gt_keys, iou_threshold, radius_um, pixel_size_um,
-        dummy_points, pair_by_order, pred_classes, class_map,
-    )
-    if pred_tissues is not None:
-        if tissues is None:
-            raise ValueError("--pred_tissues needs the ground-truth tissues (--tissues) to be scored against")
-        names = [record["name"] for record in result["per_image"]]
-        result["summary"]["tissue_classification"] = json_ready(
-            tissue_classification(load_tissues(tissues, names), load_tissues(pred_tissues, names)))
-    json_path, md_path = write_report(result, output_dir)
-    print(markdown_report(result))
-    print(f"wrote {json_path} and {md_path}")
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from monai.utils import optional_import
 
-from scripts.files import write_text_atomic
+from ..files import write_text_atomic
 
 Engine, _ = optional_import("ignite.engine", name="Engine")
 Events, _ = optional_import("ignite.engine", name="Events")

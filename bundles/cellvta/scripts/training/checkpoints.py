@@ -29,7 +29,7 @@ import torch
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.utils import optional_import
 
-from scripts.files import atomic_path
+from ..files import atomic_path
 
 BaseSaveHandler, _ = optional_import("ignite.handlers.checkpoint", name="BaseSaveHandler")
 Engine, _ = optional_import("ignite.engine", name="Engine")

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from scripts.files import write_text_atomic
+from ..files import write_text_atomic
 
 RECORD_FILE = "overrides.json"
 
