@@ -317,7 +317,8 @@ def test_prediction_equal_to_ground_truth_scores_one(gt: tuple) -> None:
     gi, gt_t = gt
     score = M.evaluate_image(gi, gt_t, gi, gt_t, NUM_CLASSES)
     if gi.max() == 0:
-        assert np.isnan(score.binary_quality).all() and np.isnan(score.aji) and np.isnan(score.dice)
+        assert np.isnan(score.binary_quality).all() and np.isnan(score.aji) and np.isnan(score.jaccard)
+        assert score.dice == 0.0  # the official convention for an image where both maps are empty
         return
     np.testing.assert_allclose(score.binary_quality, 1.0, atol=1e-6)
     assert score.aji == score.aji_plus == score.dice == score.jaccard == 1.0
@@ -348,8 +349,10 @@ def test_adding_an_empty_image(pairs: list, pred_only: tuple) -> None:
     base = M.summarize(scores, NUM_CLASSES)
     empty = np.zeros((20, 20), dtype=np.int32)
     both_empty = M.summarize(scores + [M.evaluate_image(empty, empty, empty, empty, NUM_CLASSES)], NUM_CLASSES)
-    for key in M.METRIC_KEYS:
+    for key in set(M.METRIC_KEYS) - {"dice"}:
         assert both_empty[key] == pytest.approx(base[key], nan_ok=True, abs=1e-12), key
+    # Dice counts it as 0 (the official convention): every image has a Dice, the new one lowers the mean
+    assert both_empty["dice"] == pytest.approx(base["dice"] * len(scores) / (len(scores) + 1), abs=1e-12)
     assert both_empty["n_images"] == base["n_images"] + 1
     # nuclei predicted where the ground truth has none: excluded from bPQ and mPQ (PanNuke), counted as
     # false positives by mPQ+ (CoNIC) and detection, and a Dice of 0
@@ -458,7 +461,7 @@ def test_empty_and_degenerate_images() -> None:
     empty = np.zeros((8, 8), dtype=np.int32)
     score = M.evaluate_image(empty, empty, empty, empty, 3)
     assert np.isnan(score.binary_quality).all() and np.isnan(score.class_quality).all()
-    assert np.isnan([score.aji, score.aji_plus, score.dice, score.jaccard]).all()
+    assert np.isnan([score.aji, score.aji_plus, score.jaccard]).all() and score.dice == 0.0
     summary = M.summarize([score], 3)
     assert np.isnan(summary["bpq"]) and np.isnan(summary["mpq"]) and summary["mpq_plus"] == 0.0
     one = empty.copy()
@@ -467,6 +470,30 @@ def test_empty_and_degenerate_images() -> None:
     np.testing.assert_array_equal(missed.binary_counts, [0, 0, 1, 0])
     assert missed.binary_quality[2] == 0.0 and missed.aji == 0.0 and missed.dice == 0.0
     assert len(M.summarize([], 3)["per_class"]) == 2
+
+
+def test_predicted_nuclei_typed_background_are_not_scored(fixture_maps) -> None:
+    """The protocol scores the typed prediction: nuclei the type vote calls background (no foreground pixel; nuclei
+    without a valid contour are typed so) are left out of every score, checked against MONAI on the real maps
+    with those nuclei removed by hand. A binary evaluation (one class) has no types and keeps them."""
+    m = fixture_maps
+    for i in range(0, 40, 4):
+        gi, gt, pi, pt = m["gt_inst"][i], m["gt_type"][i], m["ref_inst"][i], m["ref_type"][i].copy()
+        ids = np.unique(pi)[1:]
+        dropped = ids[::3]
+        pt[np.isin(pi, dropped)] = 0
+        partly = np.argwhere(pi == ids[1])  # one foreground pixel is enough to keep a nucleus
+        pt[tuple(partly.T)] = 0
+        pt[tuple(partly[0])] = 2
+        typed = np.where(np.isin(pi, dropped), 0, pi)
+        score = M.evaluate_image(gi, gt, pi, pt, NUM_CLASSES)
+        np.testing.assert_allclose(score.binary_counts, _monai_counts(typed, gi), atol=1e-5)
+        _assert_same_scores(score, M.evaluate_image(gi, gt, typed, pt, NUM_CLASSES))
+        detected = score.detection.paired_pred_types.size + score.detection.unpaired_pred_types.size
+        assert detected == len(ids) - len(dropped) and 0 not in score.detection.unpaired_pred_types
+        binary = M.evaluate_image(gi, gt * 0, pi, pt * 0, 1)
+        np.testing.assert_allclose(binary.binary_counts, _monai_counts(pi, gi), atol=1e-5)
+        assert binary.binary_counts[:2].sum() == len(ids) and score.binary_counts[:2].sum() == len(ids) - len(dropped)
 
 
 def test_bad_input_raises_clear_errors() -> None:

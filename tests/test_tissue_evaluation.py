@@ -73,7 +73,7 @@ def test_tissue_accuracy_metric_takes_the_argmax_and_skips_images_without_a_pred
 
 
 def test_command_line_scores_the_tissue_csv_of_tile_inference(tmp_path):
-    from scripts.nuclei.evaluation import main
+    from scripts.evaluate import main
 
     inst = np.zeros((4, 32, 32), np.int32)
     inst[:, 4:12, 4:12] = 1

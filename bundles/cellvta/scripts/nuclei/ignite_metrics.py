@@ -214,10 +214,11 @@ class NucleiMetric(Metric):
 
 
 class BinaryPQ(NucleiMetric):
-    """Binary PQ (nanmean over images with ground-truth nuclei)."""
+    """Binary PQ (nanmean over images with ground-truth nuclei) of the typed prediction when given ``num_classes``
+    above 1 (nuclei typed background left out, as the test evaluation scores them), else of the instance maps."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(metric_name="bpq", **kwargs)
+    def __init__(self, num_classes: int = 1, **kwargs: Any) -> None:
+        super().__init__(metric_name="bpq", num_classes=num_classes, **kwargs)
 
 
 class MultiPQ(NucleiMetric):

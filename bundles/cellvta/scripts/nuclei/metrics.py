@@ -23,8 +23,11 @@ Definitions (docs/protocol.md, "Metrics"):
 - CoNIC mPQ+: TP, FP, FN and IoU sums per class over the dataset, ``PQ_c = TP / (TP + FP/2 + FN/2
   + 1e-6) * IoU / (TP + 1e-6)``, then the mean over classes (a class never seen gives 0).
 - AJI (MoNuSeg) and AJI+ (unique Hungarian pairing), as hover_net; NaN when both maps are empty.
-- Dice and Jaccard of the binary foreground; NaN when both maps are empty (the reference counts
-  that case as 0, a defect listed in §11.10).
+- Dice and Jaccard of the binary foreground. When both maps are empty Dice is 0 and counts in the mean, as in the
+  official evaluation (kept on purpose, docs/official_checkpoints.md); Jaccard is NaN.
+- The prediction scored is the typed one: with classes (``num_classes > 1``), predicted instances typed
+  background by the type vote (:func:`.primitives.vote_types`: no pixel of a foreground class; post-processing
+  also types nuclei without a valid contour so) are not nuclei of the prediction, for every score.
 - Detection: Hungarian pairing of centroids on Euclidean distance, pairs farther than the radius
   dropped, pooled over the dataset; per-class F1, precision and recall with the HoVer-Net weights.
   Images without nuclei add nothing unless ``dummy_points`` reproduces the reference's (0, 0)
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .primitives import centroids, compact_ids, relabel_sequential, vote_types
+from .primitives import centroids, class_histogram, compact_ids, relabel_sequential, vote_types
 
 __all__ = [
     "Overlap",
@@ -54,6 +57,7 @@ __all__ = [
     "aji",
     "aji_plus",
     "dice_jaccard",
+    "typed_prediction",
     "instance_centroids_and_types",
     "match_centroids",
     "detection_scores",
@@ -358,6 +362,8 @@ def class_overlaps(
     gt_inst, pred_inst = _check_pair(gt_inst, pred_inst)
     gt_type = _check_types(gt_type, gt_inst.shape, num_classes, "ground-truth type map")
     pred_type = _check_types(pred_type, gt_inst.shape, num_classes, "predicted type map")
+    if num_classes > 1:
+        pred_inst = typed_prediction(pred_inst, pred_type, num_classes)
     gts, preds, binary, pairs = _joint(gt_inst, gt_type, pred_inst, pred_type, num_classes)
     return binary, _class_overlaps(gts, preds, pairs)
 
@@ -460,12 +466,22 @@ def aji_plus(overlap: Overlap) -> float:
 
 
 def dice_jaccard(overlap: Overlap) -> tuple[float, float]:
-    """Dice and Jaccard of the binary foregrounds; NaN when both are empty."""
+    """Dice and Jaccard of the binary foregrounds; when both are empty, Dice 0 (the official convention) and
+    Jaccard NaN."""
     inter = float(overlap.inter.sum())
     total = float(overlap.gt_area.sum() + overlap.pred_area.sum())
     if total == 0:
-        return float("nan"), float("nan")
+        return 0.0, float("nan")
     return 2.0 * inter / total, inter / (total - inter)
+
+
+def typed_prediction(pred_inst: np.ndarray, pred_type: np.ndarray, num_classes: int) -> np.ndarray:
+    """``pred_inst`` ``(H, W)`` without the instances that the type vote over ``pred_type`` calls background."""
+    flat = np.flatnonzero(pred_inst)
+    labels = pred_inst.ravel()[flat]
+    ids = np.unique(labels)
+    background = ids[vote_types(class_histogram(labels, pred_type.ravel()[flat], num_classes, ids)) == 0]
+    return np.where(np.isin(pred_inst, background), 0, pred_inst) if background.size else pred_inst
 
 
 def instance_centroids_and_types(
@@ -593,7 +609,8 @@ def evaluate_image(
     Args:
         gt_inst, pred_inst: ``(H, W)`` instance maps (any non-negative integer ids).
         gt_type, pred_type: ``(H, W)`` type maps, values ``0..num_classes-1``.
-        num_classes: number of classes, background included.
+        num_classes: number of classes, background included; above 1, predicted instances typed background are
+            left out (:func:`typed_prediction`).
         iou_threshold: PQ matching threshold.
         detection_radius_px: centroid matching radius in pixels (``radius_um / pixel_size_um``: 12 px =
             3 µm at 0.25 µm/px); None skips detection.
@@ -603,6 +620,8 @@ def evaluate_image(
     gt_inst, pred_inst = _check_pair(gt_inst, pred_inst)
     gt_type = _check_types(gt_type, gt_inst.shape, num_classes, "ground-truth type map")
     pred_type = _check_types(pred_type, gt_inst.shape, num_classes, "predicted type map")
+    if num_classes > 1:
+        pred_inst = typed_prediction(pred_inst, pred_type, num_classes)
     gts, preds, binary, pairs = _joint(gt_inst, gt_type, pred_inst, pred_type, num_classes)
 
     counts = np.concatenate([pq_counts(binary, iou_threshold)[None], _class_counts(gts, preds, pairs, iou_threshold)])
