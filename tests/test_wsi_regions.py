@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import shapely
 
 from scripts.slides.cohort import list_slides
 from scripts.slides.pyramid import write_pyramidal_tiff
@@ -175,3 +176,66 @@ def test_pen_marks_are_found_by_colour_and_left_out_of_the_analysis(slide, mosai
     assert not on_ink.any() and 0.7 * everything["cells"] < kept["cells"] < 0.95 * everything["cells"]
     mask = cv2.imread(str(tmp_path / "pen" / "inked.tif_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
     assert not (mask & stroke.astype(bool)).any() and mask.mean() > 0.8
+
+
+def test_an_island_in_a_hole_is_drawn_whatever_the_order_of_the_features(tmp_path):
+    outer = [[0, 0], [400, 0], [400, 400], [0, 400], [0, 0]]
+    hole = [[100, 100], [300, 100], [300, 300], [100, 300], [100, 100]]
+    island = [[150, 150], [250, 150], [250, 250], [150, 250], [150, 150]]
+    features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": rings}, "properties": {}}
+                for rings in ([outer, hole], [island])]
+    rasters = []
+    for order in (features, features[::-1]):
+        path = tmp_path / f"r{len(rasters)}.geojson"
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": order}))
+        region = read_region(path, 500, 500)
+        raster = region.raster((125, 125), 4.0)
+        # the raster agrees with the region's own point test at the centres of its pixels off the rings
+        yy, xx = np.mgrid[:125, :125]
+        centres = np.stack([(xx.ravel() + 0.5) * 4, (yy.ravel() + 0.5) * 4], axis=1)
+        off_rings = shapely.distance(region.geometry.boundary, shapely.points(centres)) > 4
+        np.testing.assert_array_equal(raster.ravel()[off_rings], region.contains(centres)[off_rings])
+        assert raster[50, 50] and not raster[30, 30] and raster[10, 10] and not raster[110, 110]
+        rasters.append(raster)
+    np.testing.assert_array_equal(rasters[0], rasters[1])
+
+
+def test_a_malformed_asap_coordinate_is_an_error_naming_the_file_and_the_annotation(tmp_path):
+    path = tmp_path / "bad.xml"
+    path.write_text('<ASAP_Annotations><Annotations><Annotation Name="tumour"><Coordinates>'
+                    '<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" Y="5"/><Coordinate Order="2" X="5" Y="5"/>'
+                    '</Coordinates></Annotation></Annotations></ASAP_Annotations>')
+    with pytest.raises(ValueError, match=r"bad\.xml: annotation 'tumour' has a coordinate without a numeric X"):
+        read_region(path, 100, 100)
+
+
+def test_the_slide_records_its_resolution_unless_told_otherwise_for_that_slide(slide):
+    from scripts.slides.readers import open_slide
+    from scripts.slides.wsi import slide_geometry
+
+    with open_slide(slide) as opened:
+        assert slide_geometry(opened, SETTINGS).mpp == 0.25  # recorded
+        assert slide_geometry(opened, WSISettings(mpp=0.5)).mpp == 0.25  # --mpp: only for slides recording none
+        given = slide_geometry(opened, WSISettings(mpp=0.5), mpp=0.5)  # a cohort CSV's own column for this slide
+        assert given.mpp == 0.5 and given.scale == 0.5
+
+
+def test_whatever_stops_one_slide_the_cohort_goes_on(slide, mosaic, tmp_path, monkeypatch):
+    import scripts.slides.wsi as wsi
+
+    _, inst, types = mosaic
+    other = tmp_path / "copy.tif"
+    other.write_bytes(slide.read_bytes())
+    real = wsi.run_slide
+
+    def run_slide(path, *args, **kwargs):
+        if Path(path).name == "mosaic.tif":
+            raise MemoryError("the level does not fit in memory")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(wsi, "run_slide", run_slide)
+    (tmp_path / "list.txt").write_text(f"{slide}\n{other}\n")
+    with pytest.raises(SlideError, match=r"1 of 2 slides failed:\n.*mosaic\.tif: MemoryError: the level does not fit"):
+        run_cohort(tmp_path / "list.txt", tmp_path / "out", GroundTruthPredictor(inst, types, len(CLASSES)), CLASSES,
+                   WSISettings(**{**SETTINGS.__dict__, "thumbnail_size": 256}), roi=None)
+    assert json.loads((tmp_path / "out" / "copy.tif.json").read_text())["cells"] > 100

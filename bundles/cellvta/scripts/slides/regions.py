@@ -62,13 +62,19 @@ class Region:
         if self.mask is not None:
             resized = cv2.resize(self.mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
             return resized.astype(bool)
-        canvas = np.zeros(shape, np.uint8)
+        canvas = np.zeros(shape, bool)
         for polygon in shapely.get_parts(self.geometry):
-            rings = [np.asarray(polygon.exterior.coords)] + [np.asarray(r.coords) for r in polygon.interiors]
-            for k, ring in enumerate(rings):
-                points = np.round(ring / scale - 0.5).astype(np.int32).reshape(-1, 1, 2)
-                cv2.fillPoly(canvas, [points], 0 if k else 1)
-        return canvas.astype(bool)
+            # each polygon with its holes on its own patch: a hole never erases another polygon (an island in it)
+            rings = [np.round(np.asarray(r.coords) / scale - 0.5).astype(np.int32)
+                     for r in (polygon.exterior, *polygon.interiors)]
+            x0, y0 = np.maximum(rings[0].min(axis=0), 0)
+            x1, y1 = np.minimum(rings[0].max(axis=0) + 1, (shape[1], shape[0]))
+            if x1 <= x0 or y1 <= y0:
+                continue
+            patch = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.fillPoly(patch, [(ring - (x0, y0)).reshape(-1, 1, 2) for ring in rings], 1)
+            canvas[y0:y1, x0:x1] |= patch.astype(bool)
+        return canvas
 
 
 def _polygons(geometries: list[BaseGeometry], path: Path) -> BaseGeometry:
@@ -104,8 +110,13 @@ def _asap(path: Path) -> BaseGeometry:
         raise ValueError(f"{path}: not an ASAP XML annotation file ({err})") from err
     geometries = []
     for annotation in root.iter("Annotation"):
-        points = sorted(((int(c.get("Order", k)), float(c.get("X")), float(c.get("Y")))
-                         for k, c in enumerate(annotation.iter("Coordinate"))))
+        try:
+            points = sorted(((int(c.get("Order", k)), float(c.get("X")), float(c.get("Y")))
+                             for k, c in enumerate(annotation.iter("Coordinate"))))
+        except (TypeError, ValueError) as err:
+            name = annotation.get("Name", "")
+            raise ValueError(f"{path}: annotation {name!r} has a coordinate without a numeric X, Y or Order "
+                             f"({err})") from err
         if len(points) >= 3:
             geometries.append(shapely.geometry.Polygon([(x, y) for _, x, y in points]))
     return _polygons(geometries, path)

@@ -197,13 +197,19 @@ class SlideGeometry:
     height: int
 
 
-def slide_geometry(slide: Slide, settings: WSISettings) -> SlideGeometry:
+def slide_geometry(slide: Slide, settings: WSISettings, mpp: float | None = None) -> SlideGeometry:
     """The level and scale giving ``settings.target_mpp``.
 
+    Args:
+        slide: the open slide.
+        settings: ``target_mpp``, ``mpp_tolerance`` and ``mpp``, the resolution of slides that record none.
+        mpp: this slide's microns per level-0 pixel, overriding what it records (a cohort CSV's ``mpp``).
+
     Raises:
-        SlideError: the slide has no resolution and ``settings.mpp`` is not set.
+        SlideError: no resolution: none given, none recorded and ``settings.mpp`` not set.
     """
-    mpp = settings.mpp if settings.mpp is not None else slide.mpp
+    if mpp is None:
+        mpp = slide.mpp if slide.mpp is not None and slide.mpp > 0 else settings.mpp
     if mpp is None or not mpp > 0:
         raise SlideError(f"{slide.path}: the slide does not record its resolution (microns per pixel); "
                          f"give it with --mpp (e.g. --mpp 0.25 for a 40x scan)")
@@ -548,7 +554,7 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
 def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predictor, class_names: Sequence[str],
               settings: WSISettings = WSISettings(), predictor_id: str = "", pool: Executor | None = None,
               position: int = 0, roi: str | Path | None = None, classifier: Classifier | None = None,
-              tissue_names: Sequence[str] = ()) -> dict:
+              tissue_names: Sequence[str] = (), mpp: float | None = None) -> dict:
     """Analyse one slide (see the module docstring) and return its summary (also written as ``<slide>.json``).
 
     Args:
@@ -565,6 +571,8 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
         classifier: types every nucleus from its embedding, with its own class names and colours (None: the
             predictor's types, ``class_names``).
         tissue_names: names of the tissue head's classes (``tissue_<k>`` beyond them).
+        mpp: this slide's microns per level-0 pixel, overriding what it records (None: what it records, else
+            ``settings.mpp``).
 
     Raises:
         SlideError: the slide cannot be read or has no resolution.
@@ -577,7 +585,7 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
     summary_path = output_path(output_dir, name, ".json")
     parts_folder = output_dir / f".{name}.parts"
     with open_slide(slide_path, settings.backend) as slide:
-        geometry = slide_geometry(slide, settings)
+        geometry = slide_geometry(slide, settings, mpp)
         region = None if roi is None else read_region(roi, *slide.dimensions)
         fingerprint = _fingerprint(slide, geometry, settings, predictor_id, region, classifier)
         previous = _finished(summary_path, fingerprint)
@@ -718,9 +726,10 @@ def run_cohort(inputs: str | Path | Sequence[str | Path], output_dir: str | Path
     this process takes every ``world_size``-th slide from ``rank`` (default: torchrun's ``RANK``/``WORLD_SIZE``,
     else all).
 
-    A slide's own ``mpp`` and ``roi`` (CSV columns) take precedence over ``settings.mpp`` and ``roi`` (a region
-    file for every slide, or a folder of them named after the slides, :func:`.regions.find_region`).
-    Slides that fail are reported together at the end; the others are still analysed. ``classifier`` and
+    A slide's own ``mpp`` (CSV column) overrides the resolution it records; ``settings.mpp`` is used only for slides
+    that record none. A slide's ``roi`` (CSV column) takes precedence over ``roi`` (a region file for every slide,
+    or a folder of them named after the slides, :func:`.regions.find_region`). Whatever stops a slide is reported
+    with the others that failed at the end; the others are still analysed. ``classifier`` and
     ``tissue_names``: see :func:`run_slide`.
 
     Raises:
@@ -739,12 +748,13 @@ def run_cohort(inputs: str | Path | Sequence[str | Path], output_dir: str | Path
             path = entry.path
             try:
                 region = entry.roi if entry.roi is not None or roi is None else find_region(roi, path)
-                slide_settings = settings if entry.mpp is None else replace(settings, mpp=entry.mpp)
-                summaries.append(run_slide(path, output_dir, predictor, class_names, slide_settings, predictor_id,
+                summaries.append(run_slide(path, output_dir, predictor, class_names, settings, predictor_id,
                                            pool, position=rank, roi=region, classifier=classifier,
-                                           tissue_names=tissue_names))
-            except (SlideError, OSError, ValueError) as err:
-                failures.append(f"{path}: {err}" if str(path) not in str(err) else str(err))
+                                           tissue_names=tissue_names, mpp=entry.mpp))
+            except Exception as err:  # one bad slide (unreadable, malformed region file, ...) never stops a cohort
+                expected = isinstance(err, (SlideError, OSError, ValueError))
+                reason = str(err) if expected else f"{type(err).__name__}: {err}"
+                failures.append(reason if str(path) in reason else f"{path}: {reason}")
     finally:
         if pool is not None:
             pool.shutdown()
