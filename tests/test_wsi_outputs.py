@@ -114,9 +114,8 @@ class _Page(HTMLParser):
             self._count = None
 
 
-@pytest.fixture(scope="module")
-def slide_run(consep, tmp_path_factory):
-    """A 2 x 2 mosaic of CoNSeP patches as a pyramidal TIFF, analysed with the ground-truth oracle and gzip."""
+def mosaic_predictor(consep) -> tuple[np.ndarray, GroundTruthPredictor]:
+    """A 2 x 2 mosaic of CoNSeP patches (512 x 512 RGB) and the ground-truth oracle of its nuclei."""
     idx = [0, 1, 2, 3]
     inst = np.where(consep["inst_map"][idx] > 0, consep["inst_map"][idx] + np.arange(4)[:, None, None] * 1000, 0)
 
@@ -124,13 +123,36 @@ def slide_run(consep, tmp_path_factory):
         return np.ascontiguousarray(a.reshape(2, 2, 256, 256, *a.shape[3:]).swapaxes(1, 2)
                                     .reshape(512, 512, *a.shape[3:]))
 
+    return tile(consep["images"][idx]), GroundTruthPredictor(tile(inst), tile(consep["type_map"][idx]), len(CLASSES))
+
+
+@pytest.fixture(scope="module")
+def slide_run(consep, tmp_path_factory):
+    """The mosaic as a pyramidal TIFF, analysed with the ground-truth oracle and gzip."""
+    image, predictor = mosaic_predictor(consep)
     folder = tmp_path_factory.mktemp("report")
     slide = folder / "case.1.tif"
-    write_pyramidal_tiff(slide, tile(consep["images"][idx]), mpp=0.25, factor=2, min_size=128)
+    write_pyramidal_tiff(slide, image, mpp=0.25, factor=2, min_size=128)
     settings = WSISettings(postprocess_workers=0, min_tissue_fraction=0.0, geojson_gzip=1, report_grid_um=32)
-    predictor = GroundTruthPredictor(tile(inst), tile(consep["type_map"][idx]), len(CLASSES))
     summary = run_slide(slide, folder / "out", predictor, CLASSES, settings, predictor_id="ground-truth oracle")
     return folder / "out", summary
+
+
+def test_a_run_asking_for_fewer_outputs_leaves_none_of_the_earlier_ones(consep, tmp_path):
+    """Outputs of an earlier run that the new one does not write are removed when it publishes: an old gzip twin or
+    embedding ids would otherwise describe other nuclei than the tables beside them."""
+    image, predictor = mosaic_predictor(consep)
+    write_pyramidal_tiff(tmp_path / "s.tif", image, mpp=0.25, factor=2, min_size=128)
+    full = WSISettings(postprocess_workers=0, min_tissue_fraction=0.0, geojson_gzip=1, embeddings=True)
+    first = run_slide(tmp_path / "s.tif", tmp_path / "out", predictor, CLASSES, full)
+    assert {"s.tif.geojson.gz", "s.tif_embeddings.npy", "s.tif_embedding_ids.npy"} <= set(first["outputs"])
+    region = tmp_path / "half.geojson"
+    ring = [[0, 0], [256, 0], [256, 512], [0, 512], [0, 0]]
+    region.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+    fewer = WSISettings(postprocess_workers=0, min_tissue_fraction=0.0)
+    second = run_slide(tmp_path / "s.tif", tmp_path / "out", predictor, CLASSES, fewer, roi=region)
+    assert 0 < second["cells"] < first["cells"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(second["outputs"] + ["s.tif.json"])
 
 
 def test_a_slide_writes_its_geojson_gzip_compressed_too(slide_run):

@@ -423,6 +423,7 @@ EMBEDDING_OUTPUTS = ("_embeddings.npy", "_embedding_ids.npy")
 GZIP_OUTPUT = ".geojson.gz"
 REPORT_OUTPUT = "_report.html"  # written after the other outputs, before <slide>.json
 TISSUE_OUTPUT = "_tissue.png"
+ALL_OUTPUTS = OUTPUTS + EMBEDDING_OUTPUTS + (GZIP_OUTPUT, REPORT_OUTPUT, TISSUE_OUTPUT)
 
 
 @dataclass
@@ -651,6 +652,9 @@ def run_slide(slide_path: str | Path, output_dir: str | Path, predictor: Predict
                     + ((GZIP_OUTPUT,) if settings.geojson_gzip else ()) + (REPORT_OUTPUT,)],
     }
     write_report(output_path(output_dir, name, REPORT_OUTPUT), summary, output_dir, settings.report_grid_um)
+    for suffix in ALL_OUTPUTS:  # an earlier run's outputs this one does not write would describe other nuclei
+        if f"{name}{suffix}" not in summary["outputs"]:
+            output_path(output_dir, name, suffix).unlink(missing_ok=True)
     write_text_atomic(summary_path, json.dumps(summary, indent=1))
     shutil.rmtree(parts.folder)
     return summary
