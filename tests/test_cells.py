@@ -249,6 +249,35 @@ def test_workflow_dataset_and_points(consep, tiny_net, tmp_path):
         run_classifying(str(emb_dir), str(out / "classifier.pt"), str(tmp_path / "cells2"))
 
 
+def test_the_test_split_never_trains_and_validation_holds_out_whole_tiles(consep, tiny_net, tmp_path):
+    """Embedding every split of a dataset (the default) must not let the test images train the classifier, and
+    patches cut from one tile (one ``group``) are held out together, so validation never sees a training tile."""
+    root = tmp_path / "data"
+    layout = {"a0": ("train", "tile_a"), "a1": ("train", "tile_a"), "b0": ("train", "tile_b"),
+              "b1": ("train", "tile_b"), "c0": ("val", "tile_c"), "t0": ("test", "tile_t")}
+    with DatasetWriter(root, "consep", CONSEP_CLASSES, ["colon"], 40) as w:
+        for k, (name, (split, group)) in enumerate(layout.items()):
+            i = 7 * k  # crops that all hold nuclei
+            w.add(name, consep["images"][i][:96, :96], consep["inst_map"][i][:96, :96],
+                  consep["type_map"][i][:96, :96], split, group=group)
+    emb_dir = tmp_path / "emb"
+    run_embedding(tiny_net, dataset_items(str(root)), str(emb_dir), "decoder")
+    classes = [{"name": n, "colour": [9 * k, 0, 0]} for k, n in enumerate(CONSEP_CLASSES[1:])]
+    nuclei = {name: len(instance_types(consep["inst_map"][7 * k][:96, :96], consep["type_map"][7 * k][:96, :96],
+                                       5)[0]) for k, name in enumerate(layout)}
+    assert min(nuclei.values()) > 0
+    held = set()
+    for seed in range(4):
+        summary = run_training(str(emb_dir), classes, str(tmp_path / f"m{seed}"), "dataset", str(root),
+                               CONSEP_CLASSES, hidden=0, epochs=2, val_fraction=0.34, seed=seed,
+                               held_out_splits=["test"])
+        val = summary["val_images"]
+        assert val in (["a0", "a1"], ["b0", "b1"], ["c0"]) and summary["held_out_splits"] == ["test"]
+        assert summary["train_cells"] + summary["metrics"]["n"] == sum(nuclei.values()) - nuclei["t0"]
+        held.add(tuple(val))
+    assert len(held) > 1  # the seed chooses which tile
+
+
 def test_cells_config_resolves(monkeypatch, tmp_path):
     """configs/classifier.yaml merged over common.yaml: its keys resolve and its workflows name real functions."""
     from monai.bundle import ConfigParser

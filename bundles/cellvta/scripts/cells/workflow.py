@@ -17,12 +17,13 @@ import csv
 import io
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.datasets import dataset_list, read_image
+from ..data.datasets import dataset_list, read_image, read_info
 from ..files import write_bytes_atomic, write_text_atomic
 from .classifier import load_classifier, predict, save_classifier, train_classifier
 from .embeddings import CellEmbedder, CellEmbeddings, embed_files
@@ -168,7 +169,7 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
                  point_units: str = "px", hidden: int = 0, dropout: float = 0.0, epochs: int = 200,
                  lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256, val_fraction: float = 0.2,
                  patience: int = 20, seed: int = 0, tracking_uri: str | None = None,
-                 branch: str = "nuclei_type_map") -> dict:
+                 branch: str = "nuclei_type_map", held_out_splits: Sequence[str] = ()) -> dict:
     """Train ``<output_dir>/classifier.pt`` on the cached embeddings and their labels.
 
     Args:
@@ -181,6 +182,9 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
             (seeded) is held out for validation, or of the nuclei when there is a single image.
         tracking_uri: an MLflow tracking URI to log parameters, metrics and outputs to (None: no tracking).
         branch: the decoder branch the ``decoder`` source's embeddings were read from (recorded in the file).
+        held_out_splits: with the ``dataset`` label source, the splits whose images neither train nor validate the
+            classifier (the test split evaluation scores it on), whatever the embedding cache holds. The
+            validation images are then drawn by the dataset's ``group`` (patches of one tile stay together).
 
     Returns:
         The summary written to ``classifier_metrics.json``.
@@ -192,12 +196,21 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
     _fail_on(errors, f"labels for {embedding_dir}")
     if not per_image:
         raise ValueError(f"{embedding_dir}: no labelled nucleus (label report: {report})")
+    group_of = {n: n for n, _, _ in per_image}
+    if label_source == "dataset":
+        samples = {s["name"]: s for s in read_info(label_dir).samples}
+        per_image = [p for p in per_image if samples.get(p[0], {}).get("split") not in set(held_out_splits)]
+        group_of = {n: str(samples.get(n, {}).get("group", n)) for n, _, _ in per_image}
+        if not per_image:
+            raise ValueError(f"{embedding_dir}: no labelled nucleus outside the held-out splits "
+                             f"{list(held_out_splits)}")
     rng = np.random.default_rng(seed)
     names = [n for n, _, _ in per_image]
-    if len(per_image) > 1:
-        order = rng.permutation(len(per_image))
-        n_val = max(1, int(round(val_fraction * len(per_image))))
-        val = {names[i] for i in order[:n_val]}
+    groups = sorted(set(group_of.values()))
+    if len(groups) > 1:  # whole groups (images, or a dataset's tiles) are held out
+        order = rng.permutation(len(groups))
+        held = {groups[i] for i in order[:max(1, int(round(val_fraction * len(groups))))]}
+        val = {n for n in names if group_of[n] in held}
     else:
         val = set()
     x = np.concatenate([e for n, e, _ in per_image if n not in val])
@@ -211,6 +224,7 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
     end_energy = _gpu_energy_mj()
     summary = {"classifier": str(model_path), "source": source, "branch": branch, "fingerprint": fingerprint,
                "classes": table.to_config(), "train_cells": int(len(x)), "val_images": sorted(val),
+               "held_out_splits": list(held_out_splits),
                "epochs": result.epochs, "metrics": result.metrics, "history": result.history,
                "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                "gpu_energy_j": None if energy is None or end_energy is None else (end_energy - energy) / 1000,
