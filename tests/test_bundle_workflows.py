@@ -103,20 +103,35 @@ def test_training_resumes_from_the_saved_epoch(trained, synthetic):
 
 
 @pytest.mark.slow
+def test_a_resumed_run_trains_as_the_uninterrupted_run(trained, synthetic, tmp_path):
+    """After the test above: two epochs in one run give the weights of one epoch plus a resumed second one (the
+    second epoch draws its own samples and augmentations, not those of the first again)."""
+    bundle_run("run", "train.yaml", "--dataset_dir", str(synthetic), "--bundle_root", str(tmp_path),
+               "--epochs", "2", "--batch_size", "4", "--progress_bar", "False")
+    resumed = torch.load(trained / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    whole = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert resumed["model"].keys() == whole["model"].keys()
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
 def test_evaluation_and_inference_write_their_outputs(trained, synthetic):
     bundle_run("evaluating", EVALUATE, "--dataset_dir", str(synthetic), "--bundle_root", str(trained))
     metrics = json.loads((trained / "eval" / "metrics.json").read_text())
     # the saved maps are the test split's labels and predictions, and the summary is their per-image PQ mean
-    from scripts.data.datasets import read_label
-    from scripts.nuclei.metrics import panoptic_quality
+    from scripts.data.datasets import read_info, read_label
+    from scripts.nuclei.metrics import panoptic_quality, typed_prediction
 
     samples = dataset_list(synthetic, "test")
+    num_classes = len(read_info(synthetic).classes)
     assert metrics["summary"]["n_images"] == len(samples) > 0
     per_image = []
     for sample in samples:
         saved = np.load(trained / "eval" / "predictions" / f"{sample['name']}.npz")
         np.testing.assert_array_equal(saved["gt_inst_map"].squeeze(), read_label(sample["inst_map"], "inst_map"))
-        per_image.append(panoptic_quality(saved["gt_inst_map"].squeeze(), saved["inst_map"].squeeze())[2])
+        typed = typed_prediction(saved["inst_map"].squeeze(), saved["type_map"].squeeze(), num_classes)
+        per_image.append(panoptic_quality(saved["gt_inst_map"].squeeze(), typed)[2])
     assert metrics["summary"]["bpq"] == pytest.approx(float(np.nanmean(per_image)), abs=1e-12)
     images = sorted(str(p) for p in (synthetic / "images").glob("*.png"))[:3]
     bundle_run("inferring", INFERENCE, "--dataset_dir", str(synthetic), "--bundle_root", str(trained),
