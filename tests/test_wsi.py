@@ -102,6 +102,31 @@ def test_every_nucleus_is_kept_by_exactly_one_tile_whatever_the_tiles_processed(
                 assert keepers == 1, (size, overlap, (y, x, h, w))
 
 
+def test_nuclei_wider_than_the_overlap_are_kept_once_and_touching_neighbours_stay_apart(consep, tmp_path):
+    """No tile sees these nuclei whole; each tile cutting one finds a fragment and only the largest is kept. Two wide
+    nuclei that touch stay two."""
+    image = np.full((600, 600, 3), 200, np.uint8)
+    image[:256, :256] = consep["images"][0]
+    inst = np.zeros((600, 600), np.int32)
+    cv2.ellipse(inst, (225, 100), (45, 15), 0, 0, 360, 1, -1)  # 91 px wide across the strip x 192..255
+    cv2.rectangle(inst, (180, 180), (260, 260), 2, -1)  # across four tiles
+    cv2.rectangle(inst, (300, 150), (370, 160), 3, -1)  # two neighbours touching along y = 160 / 161
+    cv2.rectangle(inst, (300, 161), (370, 170), 4, -1)
+    cv2.circle(inst, (400, 400), 10, 5, -1)  # inside one tile
+    types = (inst > 0).astype(np.uint8) * 3
+    write_pyramidal_tiff(tmp_path / "wide.tif", image, mpp=0.25, min_size=10_000)
+    summary = run_slide(tmp_path / "wide.tif", tmp_path / "out", GroundTruthPredictor(inst, types, len(CLASSES)),
+                        CLASSES, SETTINGS)
+    with open(tmp_path / "out" / "wide.tif.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert summary["cells"] == len(rows) == 5
+    found = {int(inst[round(float(r["y"])), round(float(r["x"]))]): float(r["area_um2"]) * 16 for r in rows}
+    assert sorted(found) == [1, 2, 3, 4, 5]
+    true_area = np.bincount(inst.ravel())
+    for k, area in found.items():  # the largest fragment: at least the share of the tile that sees most of it
+        assert true_area[k] / 4 <= area <= true_area[k] + 1, (k, area, true_area[k])  # areas rounded to 0.01 um2
+
+
 def test_tiles_with_tissue_and_their_neighbours_holding_any_are_processed():
     grid = TileGrid(1000, 1000, 256, 64)  # 5 x 5 tiles, stride 192
     mask = np.zeros((100, 100), bool)  # 10 image pixels per mask pixel

@@ -11,8 +11,9 @@ once, by the processed tile that contains its bounding box with the widest margi
 * the margin on each axis is the distance from the box to the nearer side of the tile (a side on the slide's
   edge counts as ``size``); tiles are ranked by their smaller margin, then by the sum of both, then by
   position (row-major), so every tile reaches the same decision about the same nucleus independently;
-* a nucleus that no processed tile contains (wider than the overlap) is kept by the processed tile that has
-  its box centre farthest from its sides.
+* a nucleus that no processed tile contains (wider than the overlap) reaches each tile cut, as a fragment with
+  its own box; each tile keeps its fragment when its box centre is farthest from that tile's sides, so several
+  tiles may keep one: :mod:`.cut_nuclei` finds those fragments across tiles and keeps the largest.
 
 Every decision depends only on the nucleus's bounding box in slide coordinates, so it needs no communication
 between tiles and is the same in an interrupted and an uninterrupted run.

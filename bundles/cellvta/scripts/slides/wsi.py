@@ -8,7 +8,8 @@ For each slide:
 2. find tissue on a thumbnail (:mod:`.tissue`) and lay overlapping tiles over it (:class:`.tiling.TileGrid`);
 3. read tiles in threads, run the predictor on batches (bfloat16 on capable CPUs, autocast on CUDA), and
    post-process every tile in a pool of worker processes (:func:`.tile_cells.tile_cells`) so the predictor
-   never waits for the watershed; each nucleus is kept once, by the tile it lies in most centrally;
+   never waits for the watershed; each nucleus is kept once, by the tile it lies in most centrally (of a
+   nucleus no tile sees whole, the largest fragment, :mod:`.cut_nuclei`);
 4. save the nuclei of every ``chunk_tiles`` consecutive tiles as a part file: a killed run, started again with
    the same command, skips the parts it has and ends with the same outputs as an uninterrupted run (byte for byte,
    but for the run time in ``<slide>.json`` and ``<slide>_report.html``);
@@ -65,6 +66,7 @@ from tqdm import tqdm
 from ..files import write_text_atomic
 from .cell_table import CellTable
 from .cohort import SLIDE_SUFFIXES, list_slides
+from .cut_nuclei import duplicate_fragments
 from .outputs import (CSVStream, GeoJSONStream, ParquetStream, SlideOutputs, check_unique_names, geojson_features,
                       morphometrics, output_path)
 from .readers import Slide, SlideError, open_slide
@@ -437,10 +439,13 @@ class _Thumbnail:
     ink: np.ndarray | None = None
 
 
-def _inside(table: CellTable, geometry: SlideGeometry, region: Region | None, thumbnail: _Thumbnail) -> np.ndarray:
-    """(N,) bool: the nuclei whose centroid lies in the region (all without one) and not on a pen mark."""
+def _kept(table: CellTable, geometry: SlideGeometry, region: Region | None, thumbnail: _Thumbnail,
+          duplicates: np.ndarray) -> np.ndarray:
+    """(N,) bool: the nuclei whose centroid lies in the region (all without one) and not on a pen mark, less the
+    rows ``duplicates`` (fragments of a cut nucleus another tile keeps larger, :mod:`.cut_nuclei`)."""
     xy = table.centroid * geometry.scale
     keep = np.ones(len(table), dtype=bool) if region is None else region.contains(xy)
+    keep[duplicates] = False
     if thumbnail.ink is not None:
         h, w = thumbnail.ink.shape
         cols = np.clip((xy[:, 0] / thumbnail.scale).astype(np.int64), 0, w - 1)
@@ -459,9 +464,11 @@ def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry
     total = 0
     dim = 0
     tiles, tissue = [np.zeros((0, 2), np.int64)], [np.zeros((0, 0), np.float32)]
+    found = duplicate_fragments((parts.load(k)[0] for k in range(n_parts)), grid)
+    duplicates = [found.get(k, np.zeros(0, np.int64)) for k in range(n_parts)]
     for k in range(n_parts):
         table, part_tiles, part_tissue = parts.load(k)
-        total += int(_inside(table, geometry, region, thumbnail).sum())
+        total += int(_kept(table, geometry, region, thumbnail, duplicates[k]).sum())
         dim = table.embedding.shape[1] if embeddings else 0
         tiles.append(part_tiles)
         tissue.append(part_tissue)
@@ -479,16 +486,16 @@ def _assemble(parts: _Parts, n_parts: int, output_dir: Path, name: str, geometry
                 raise OSError(f"could not write {tmp[TISSUE_OUTPUT]}")
             summary = {"map": f"{name}{TISSUE_OUTPUT}", "tile_stride": grid.stride * geometry.scale,
                        **tissue_summary(probabilities, tissue_names)}
-        counts = _stream(parts, n_parts, tmp, total, dim, geometry, thumbnail, class_names, colours, embeddings,
+        counts = _stream(parts, duplicates, tmp, total, dim, geometry, thumbnail, class_names, colours, embeddings,
                          region, timings, gzip_level)
     return counts, summary
 
 
-def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: int, geometry: SlideGeometry,
-            thumbnail: _Thumbnail, class_names: Sequence[str], colours: np.ndarray, embeddings: bool,
-            region: Region | None, timings: dict[str, float], gzip_level: int = 0) -> np.ndarray:
-    """Write the parts into the temporaries ``tmp`` (by output suffix), each class id in its name and (C, 3) RGB
-    colour; return the nuclei count per class id and
+def _stream(parts: _Parts, duplicates: list[np.ndarray], tmp: dict[str, Path], total: int, dim: int,
+            geometry: SlideGeometry, thumbnail: _Thumbnail, class_names: Sequence[str], colours: np.ndarray,
+            embeddings: bool, region: Region | None, timings: dict[str, float], gzip_level: int = 0) -> np.ndarray:
+    """Write the parts (less each one's ``duplicates`` rows) into the temporaries ``tmp`` (by output suffix), each
+    class id in its name and (C, 3) RGB colour; return the nuclei count per class id and
     add the seconds spent formatting and writing each table format to ``timings`` (the polygons, shared by
     GeoJSON and Parquet, count for GeoJSON; ``geojson.gz`` the compression of the same text at ``gzip_level``, 0:
     none)."""
@@ -502,9 +509,9 @@ def _stream(parts: _Parts, n_parts: int, tmp: dict[str, Path], total: int, dim: 
     next_id = 1
     clock = time.perf_counter
     try:
-        for k in range(n_parts):
+        for k, left_out in enumerate(duplicates):
             table = CellTable.load(parts.path(k))
-            table = table.select(_inside(table, geometry, region, thumbnail))
+            table = table.select(_kept(table, geometry, region, thumbnail, left_out))
             ids = np.arange(next_id, next_id + len(table))
             next_id += len(table)
             t0 = clock()
