@@ -269,8 +269,9 @@ def test_new_weights_train_the_served_classifier_again_with_its_last_request(cel
 def test_a_classifier_that_cannot_be_trained_again_is_reported_and_the_new_weights_still_published(cells_server,
                                                                                                      probe_model):
     """After the tests above: the classifier's recorded request no longer trains (it names classes the datastore's
-    labels no longer hold, as after the labels were renamed). Fine-tuning still publishes its weights and its record says why the classifier was not trained
-    again; inference then refuses the classifier of the previous weights, naming it."""
+    labels no longer hold, as after the labels were renamed). Fine-tuning still publishes its weights and its
+    record says why the classifier was not trained again; inference then refuses the classifier of the previous
+    weights, naming it."""
     record_file = probe_model / "classifier_stats.json"
     record = json.loads(record_file.read_text())
     record["request"]["classes"] = ["tumour", "immune"]

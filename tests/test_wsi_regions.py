@@ -203,7 +203,8 @@ def test_an_island_in_a_hole_is_drawn_whatever_the_order_of_the_features(tmp_pat
 def test_a_malformed_asap_coordinate_is_an_error_naming_the_file_and_the_annotation(tmp_path):
     path = tmp_path / "bad.xml"
     path.write_text('<ASAP_Annotations><Annotations><Annotation Name="tumour"><Coordinates>'
-                    '<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" Y="5"/><Coordinate Order="2" X="5" Y="5"/>'
+                    '<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" Y="5"/>'
+                    '<Coordinate Order="2" X="5" Y="5"/>'
                     '</Coordinates></Annotation></Annotations></ASAP_Annotations>')
     with pytest.raises(ValueError, match=r"bad\.xml: annotation 'tumour' has a coordinate without a numeric X"):
         read_region(path, 100, 100)

@@ -12,7 +12,8 @@ Sources of maps (``pred`` and ``gt`` alike):
 
 Predictions and ground truth are paired by name: an image on one side only is an error listing the names
 (``--pair_by_order`` of the command line, :mod:`scripts.evaluate`, pairs the two sources position by position
-instead, in name order for folders). A file that cannot be read (0-byte, corrupt, pickled objects) is an error naming it; nothing is unpickled.
+instead, in name order for folders). A file that cannot be read (0-byte, corrupt, pickled objects) is an error
+naming it; nothing is unpickled.
 """
 
 from __future__ import annotations
