@@ -477,6 +477,9 @@ def dice_jaccard(overlap: Overlap) -> tuple[float, float]:
 
 def typed_prediction(pred_inst: np.ndarray, pred_type: np.ndarray, num_classes: int) -> np.ndarray:
     """``pred_inst`` ``(H, W)`` without the instances that the type vote over ``pred_type`` calls background."""
+    untyped = (pred_inst > 0) & (pred_type == 0)
+    if not untyped.any():  # the usual case: every nucleus pixel has a foreground class
+        return pred_inst
     flat = np.flatnonzero(pred_inst)
     labels = pred_inst.ravel()[flat]
     ids = np.unique(labels)
