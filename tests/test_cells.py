@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.cells.apply import NucleiClassifier
 from scripts.cells.classifier import classification_metrics, load_classifier, predict, save_classifier, train_classifier
 from scripts.cells.embeddings import CellEmbedder, CellEmbeddings, pool_cells
 from scripts.cells.labels import ClassTable, PointLabels, match_points, read_point_csv, read_qupath_geojson
@@ -276,6 +277,12 @@ def test_the_test_split_never_trains_and_validation_holds_out_whole_tiles(consep
         assert summary["train_cells"] + summary["metrics"]["n"] == sum(nuclei.values()) - nuclei["t0"]
         held.add(tuple(val))
     assert len(held) > 1  # the seed chooses which tile
+    # the classifier records the images it has seen: scored on the test image it passes, on its own it is refused
+    classifier = tmp_path / "m0" / "classifier.pt"
+    assert load_classifier(classifier)[2]["images"] == ["a0", "a1", "b0", "b1", "c0"]
+    NucleiClassifier(classifier, evaluated=["t0"])
+    with pytest.raises(ValueError, match=r"classifier.pt: trained on 2 of the 3 evaluated images \(a1, c0\)"):
+        NucleiClassifier(classifier, evaluated=["a1", "c0", "t0"])
 
 
 def test_cells_config_resolves(monkeypatch, tmp_path):

@@ -10,9 +10,11 @@ files, stacked files). From ``bundles/cellvta``::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import fire
 
+from .cells.apply import check_unseen
 from .cells.classifier import load_classifier
 from .nuclei.evaluation import evaluate, json_ready, load_tissues, markdown_report, tissue_classification, write_report
 
@@ -41,15 +43,19 @@ def main(
     :func:`load_tissues`), scored against ``tissues`` (:func:`tissue_classification`, classes: the labels found).
 
     ``classifier``: the ``classifier.pt`` whose classes the predictions' type maps hold (tile inference run with
-    it), mapped to ``class_names`` by name or ``class_map`` (``--class_map='{tumour: epithelial, ...}'``).
+    it), mapped to ``class_names`` by name or ``class_map`` (``--class_map='{tumour: epithelial, ...}'``); refused
+    when it was trained on any of the evaluated images.
     """
-    pred_classes = None
+    pred_classes, trained_on = None, []
     if classifier is not None:
-        pred_classes = load_classifier(classifier)[1].names
+        _, table, meta = load_classifier(classifier)
+        pred_classes, trained_on = table.names, meta["images"]
     result = evaluate(
         pred, gt, num_classes, class_names, tissues, pred_keys, gt_keys, iou_threshold, radius_um, pixel_size_um,
         dummy_points, pair_by_order, pred_classes, class_map,
     )
+    if classifier is not None:
+        check_unseen(Path(classifier), trained_on, [record["name"] for record in result["per_image"]])
     if pred_tissues is not None:
         if tissues is None:
             raise ValueError("--pred_tissues needs the ground-truth tissues (--tissues) to be scored against")

@@ -25,9 +25,18 @@ from ..nuclei.evaluation import class_lut
 from .classifier import load_classifier, predict
 from .embeddings import SOURCES, FeatureSource, model_fingerprint, padded_instances, pool_cells
 
-__all__ = ["NucleiClassifier"]
+__all__ = ["NucleiClassifier", "check_unseen"]
 
 BACKGROUND_COLOUR = (0, 0, 0)
+
+
+def check_unseen(path: Path, trained_on: Sequence[str], evaluated: Sequence[str]) -> None:
+    """Refuse to score a classifier on images whose nuclei trained or validated it (ValueError naming them)."""
+    seen = sorted(set(trained_on) & set(evaluated))
+    if seen:
+        listed = ", ".join(seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
+        raise ValueError(f"{path}: trained on {len(seen)} of the {len(set(evaluated))} evaluated images ({listed}); "
+                         "score it on images it has not seen (configs/classifier.yaml: classifier_held_out_splits)")
 
 
 class NucleiClassifier:
@@ -49,6 +58,8 @@ class NucleiClassifier:
         class_map: {classifier class: name in ``classes``}; None: the classifier's classes must be those of
             ``classes`` (background excluded).
         features_key: the key of the source map in the prediction dict.
+        evaluated: names of the images the classifier's types are to be scored on: refused (ValueError) when it
+            was trained on any of them.
 
     Attributes:
         source, branch: the classifier's embedding source (and decoder branch, as recorded in its file); scale:
@@ -59,9 +70,11 @@ class NucleiClassifier:
     """
 
     def __init__(self, path: str | Path, classes: Sequence[str] | None = None,
-                 class_map: Mapping[str, str] | None = None, features_key: str = "source_features") -> None:
+                 class_map: Mapping[str, str] | None = None, features_key: str = "source_features",
+                 evaluated: Sequence[str] = ()) -> None:
         self.path = Path(path)
         self.model, table, meta = load_classifier(self.path)
+        check_unseen(self.path, meta["images"], evaluated)
         self.source, self.branch = meta["source"], meta["branch"]
         if self.source not in SOURCES:
             raise ValueError(f"{self.path}: unknown embedding source {self.source!r}; known: {list(SOURCES)}")

@@ -7,11 +7,13 @@ split, early stopping on the validation macro-F1 (the best epoch's weights are k
 
 ``classifier.pt`` (read with ``torch.load(weights_only=True)``): ``state_dict``, ``classes`` and ``colours`` (the
 class table), ``source``, ``branch`` (the decoder branch of the ``decoder`` source) and ``fingerprint`` (the
-embeddings it was trained for), ``in_dim``, ``hidden``, ``dropout``.
+embeddings it was trained for), ``in_dim``, ``hidden``, ``dropout`` and ``images`` (the names of the images whose
+nuclei trained or validated it; empty in files written before it was recorded).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,8 +148,9 @@ def train_classifier(x: np.ndarray, y: np.ndarray, names: list[str], hidden: int
 
 
 def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable, source: str,
-                    fingerprint: str, branch: str = "nuclei_type_map") -> Path:
-    """Write ``classifier.pt`` atomically (module docstring)."""
+                    fingerprint: str, branch: str = "nuclei_type_map", images: Sequence[str] = ()) -> Path:
+    """Write ``classifier.pt`` atomically (module docstring); ``images``: the names of the images whose nuclei
+    trained or validated it (evaluation refuses to score it on them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     first = model.net if isinstance(model.net, nn.Linear) else model.net[0]
@@ -155,7 +158,7 @@ def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable
                "colours": [list(c) for c in classes.colours], "source": source, "branch": branch, "fingerprint": fingerprint,
                "in_dim": int(first.in_features), "hidden": 0 if isinstance(model.net, nn.Linear) else
                int(first.out_features), "dropout": 0.0 if isinstance(model.net, nn.Linear) else
-               float(model.net[2].p)}
+               float(model.net[2].p), "images": sorted(images)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -174,6 +177,7 @@ def load_classifier(path: str | Path, source: str | None = None, fingerprint: st
         meta = {k: payload[k] for k in ("classes", "colours", "source", "fingerprint", "in_dim", "hidden",
                                         "dropout")}
         meta["branch"] = payload.get("branch", "nuclei_type_map")
+        meta["images"] = list(payload.get("images", []))
     except (KeyError, TypeError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a cell classifier file ({e})") from e
     if source is not None and meta["source"] != source:

@@ -220,7 +220,7 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
     result = train_classifier(x, y, table.names, hidden, dropout, epochs, lr, weight_decay, batch_size,
                               val_fraction, patience, seed, x_val, y_val)
     out = Path(output_dir)
-    model_path = save_classifier(out / "classifier.pt", result.model, table, source, fingerprint, branch)
+    model_path = save_classifier(out / "classifier.pt", result.model, table, source, fingerprint, branch, names)
     end_energy = _gpu_energy_mj()
     summary = {"classifier": str(model_path), "source": source, "branch": branch, "fingerprint": fingerprint,
                "classes": table.to_config(), "train_cells": int(len(x)), "val_images": sorted(val),
