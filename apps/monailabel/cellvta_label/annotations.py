@@ -41,18 +41,22 @@ def _to_image(points: np.ndarray, region: Region) -> list[list[float]] | list[li
 
 def monai_label_annotation(nuclei, region: Region, class_names: Sequence[str],
                            colours: Sequence[Sequence[int]] | None = None) -> dict:
-    """The ``annotation`` MONAI Label's ASAP/DSA writers read: one element per class with a contour per nucleus
-    (class colours: ``colours``, background first, or the bundle's palette).
+    """The ``annotation`` MONAI Label's ASAP/DSA writers read: one element per class with a contour per nucleus, the
+    valid outline of the GeoJSON output (class colours: ``colours``, background first, or the bundle's palette).
 
     Returns:
         ``{"location", "size", "elements": [{"label", "contours"}], "labels": {name: [r, g, b]}}`` in level-0
         image coordinates.
     """
-    from scripts.inference.writers import class_color
+    from scripts.inference.writers import class_color, closed_rings
 
+    lengths = [len(c) for c in nuclei.contours]
+    xy = np.concatenate(nuclei.contours) if lengths else np.zeros((0, 2), np.int32)
+    # the rings of the GeoJSON features: a contour touching itself becomes the largest valid part of its polygon
+    rings = closed_rings(xy, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     elements: dict[int, list] = {}
-    for contour, cls in zip(nuclei.contours, nuclei.types):
-        elements.setdefault(int(cls), []).append(_to_image(contour, region))
+    for ring, cls in zip(rings, nuclei.types):
+        elements.setdefault(int(cls), []).append(_to_image(ring[:-1], region))
     names = {cls: class_names[cls] if cls < len(class_names) else f"class_{cls}" for cls in elements}
     left, top, width, height = region.core
     return {
