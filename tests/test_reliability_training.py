@@ -82,6 +82,8 @@ def test_kill_while_an_epoch_checkpoint_is_written_keeps_the_previous_one_and_th
     assert (tmp_path / "model.pt").read_bytes() == best
     assert "finished at epoch 4" in result.stdout
     assert epoch_files(tmp_path) == ["checkpoint_epoch=4.pt"]
+    # the loss scale continues from epoch 2's, as in the uninterrupted run
+    assert load(tmp_path / "checkpoint_epoch=4.pt")["amp_scaler"]["scale"] == loss_scale(4)
 
 
 @pytest.mark.slow
@@ -167,7 +169,13 @@ def test_training_workflow_resumes_past_a_truncated_checkpoint_with_its_best_mod
     assert load(models / "model.pt").keys() == state["model"].keys()
 
 
-NEW_ENTRIES = ("best_saver", "best_metric", "early_stop", "last_saver")
+NEW_ENTRIES = ("best_saver", "best_metric", "early_stop", "amp_scaler", "last_saver")
+ITERATIONS_PER_EPOCH = 2  # tests/training_kill_run.py: 8 samples, batch 4
+
+
+def loss_scale(epochs: int) -> float:
+    """The AMP loss scale after ``epochs`` epochs of tests/training_kill_run.py (doubled after every step)."""
+    return 2.0 ** (epochs * ITERATIONS_PER_EPOCH)
 
 
 def older_format(path: Path) -> dict:
@@ -195,13 +203,17 @@ def test_resume_from_an_older_checkpoint_format_warns_and_starts_from_best_metri
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "older checkpoint format" in line]
     assert len(warnings) == 1
-    assert "checkpoint_epoch=2.pt was written without best_saver, best_metric, early_stop, last_saver" in warnings[0]
+    assert ("checkpoint_epoch=2.pt was written without best_saver, best_metric, early_stop, amp_scaler, last_saver"
+            in warnings[0])
+    assert "the mixed-precision loss scale starts from its initial value" in warnings[0]
+    assert removed["amp_scaler"]["scale"] == loss_scale(2)
     # with the best 0.5 known, epochs 3 and 4 (0.4, 0.45) do not improve and the second stops the run; unknown,
     # epoch 3 becomes the best and 0.45, 0.7 improve on it
     end = 4 if with_best_metric_file else 5
     assert f"finished at epoch {end}" in result.stdout
     assert epoch_files(tmp_path) == [f"checkpoint_epoch={end}.pt"]  # epoch 2's file pruned (n_saved 1)
     last = load(tmp_path / f"checkpoint_epoch={end}.pt")
+    assert last["amp_scaler"]["scale"] == loss_scale(end - 2)  # restarted from 1 at epoch 3
     if with_best_metric_file:
         assert "starts from" in warnings[0] and "(0.5 at epoch 2)" in warnings[0]
         assert (tmp_path / "model.pt").read_bytes() == best

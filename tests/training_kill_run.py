@@ -5,7 +5,9 @@ Used by tests/test_reliability_training.py as a subprocess:
     python tests/training_kill_run.py CKPT_DIR --epochs 5 --n_saved 1 --resume true --kill_at 3
 
 The network is a linear layer trained by SGD on fixed data (deterministic); the validation score of epoch ``e`` is
-``SCORES[e - 1]`` (or the ``e``-th of ``--scores``) so that the best epochs are known. The savers, the early stopping and the resume are wired as in
+``SCORES[e - 1]`` (or the ``e``-th of ``--scores``) so that the best epochs are known. The trainer runs with AMP's
+gradient scaler (torch's CPU ``GradScaler``, its scale doubled after every step: ``2**iterations``), so that the
+scale reached is part of what a resume must restore. The savers, the early stopping and the resume are wired as in
 configs/train.yaml. ``--kill_at k`` makes the k-th ``torch.save`` of the run write half of its bytes to the file it
 was given and then SIGKILL the process, as a kill during that write would. Every ``torch.save`` target is appended
 to ``CKPT_DIR/saves.log``.
@@ -24,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "cellvta"))
 
+from ignite.engine import Events  # noqa: E402
 from ignite.metrics import Average  # noqa: E402
 from monai.engines import SupervisedEvaluator, SupervisedTrainer  # noqa: E402
 from monai.handlers import ValidationHandler  # noqa: E402
@@ -32,6 +35,7 @@ from scripts.training.best_metric import BestMetricWriter  # noqa: E402
 from scripts.training.checkpoints import (  # noqa: E402
     AtomicCheckpointSaver,
     BestMetricState,
+    GradScalerState,
     ResumableEarlyStopHandler,
     ResumeCheckpointLoader,
     resume_path,
@@ -83,7 +87,10 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=args.epochs, train_data_loader=loader,
-                                network=network, optimizer=optimizer, loss_function=torch.nn.MSELoss())
+                                network=network, optimizer=optimizer, loss_function=torch.nn.MSELoss(), amp=True)
+    # MONAI's trainer makes its (CUDA) scaler when the run starts: this CPU one replaces it before the resume loads
+    trainer.add_event_handler(Events.STARTED, lambda engine: setattr(
+        engine, "scaler", torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)))
     best_saver = AtomicCheckpointSaver(save_dir=str(args.ckpt_dir), save_dict={"model": network},
                                        save_key_metric=True, key_metric_filename="model.pt")
     early_stop = ResumableEarlyStopHandler(patience=PATIENCE, score_function=key_metric_score, epoch_level=True)
@@ -94,7 +101,8 @@ def main() -> None:
     ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
     early_stop.set_trainer(trainer)
     states = {"model": network, "optimizer": optimizer, "trainer": trainer, "best_saver": best_saver,
-              "best_metric": BestMetricState(evaluator), "early_stop": early_stop}
+              "best_metric": BestMetricState(evaluator), "early_stop": early_stop,
+              "amp_scaler": GradScalerState(trainer)}
     last_saver = AtomicCheckpointSaver(save_dir=str(args.ckpt_dir), save_dict=states, state_key="last_saver",
                                        save_interval=1, n_saved=args.n_saved, epoch_level=True)
     if (path := resume_path(args.ckpt_dir, args.resume)) is not None:

@@ -7,8 +7,9 @@
   into the epoch checkpoint, so a resumed run keeps ``model.pt`` unless beaten and keeps pruning old epochs.
   The key-metric saver refuses a NaN score (a validation ground truth without nuclei): the run stops at that
   validation with an error, so an undefined score never becomes the best model.
-- :class:`BestMetricState` and :class:`ResumableEarlyStopHandler` give the evaluator's best metric and the
-  early-stopping counter a ``state_dict`` for the same purpose.
+- :class:`BestMetricState`, :class:`ResumableEarlyStopHandler` and :class:`GradScalerState` give the evaluator's
+  best metric, the early-stopping counter and the trainer's mixed-precision loss scale a ``state_dict`` for the
+  same purpose.
 - :class:`ResumeCheckpointLoader` resumes from such a checkpoint, and from an epoch checkpoint written before
   these states were part of it (with a warning; the best score then comes from ``models/best_metric.json``).
 - :func:`resume_path` picks the checkpoint to resume from, skipping unreadable ones with a warning.
@@ -179,6 +180,38 @@ class BestMetricState:
             self.load_state_dict({"best_metric": best[0], "best_metric_epoch": best[1]})
 
 
+class GradScalerState:
+    """The mixed-precision gradient scaler of a MONAI trainer (``trainer.scaler``) as a resumable state.
+
+    A resumed AMP run continues with the loss scale and growth counter the interrupted run had reached, not from
+    ``GradScaler``'s initial scale (which would skip the steps whose scaled gradients overflow until the scale is
+    found again). Without AMP (no scaler, or a disabled one, as on a machine without CUDA) the state is empty and
+    loading it changes nothing, so checkpoints move between AMP and full-precision runs.
+
+    Args:
+        trainer: a MONAI ``Trainer``.
+    """
+
+    def __init__(self, trainer: Engine) -> None:
+        self.trainer = trainer
+
+    def _scaler(self) -> torch.amp.GradScaler | None:
+        scaler = getattr(self.trainer, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def state_dict(self) -> dict[str, float | int]:
+        scaler = self._scaler()
+        return scaler.state_dict() if scaler is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        scaler = self._scaler()
+        if scaler is not None and state_dict:
+            scaler.load_state_dict(dict(state_dict))
+
+    def restore_without_state(self, best: BestScore | None, resumed: Path) -> None:
+        """The scaler starts from its initial scale when the resumed checkpoint holds no scaler state."""
+
+
 class ResumableEarlyStopHandler(EarlyStopHandler):
     """MONAI ``EarlyStopHandler`` whose counter and best score are part of the resumed state.
 
@@ -215,12 +248,13 @@ def read_best_metric(path: str | Path) -> BestScore | None:
 
 class ResumeCheckpointLoader(CheckpointLoader):
     """MONAI ``CheckpointLoader`` that also resumes from an epoch checkpoint written before the best score, the
-    evaluator's best metric, the early-stopping counter and the kept files were part of it.
+    evaluator's best metric, the early-stopping counter, the kept files and the loss scale were part of it.
 
     The entries of ``load_dict`` with a ``restore_without_state`` method (:class:`AtomicCheckpointSaver`,
-    :class:`BestMetricState`, :class:`ResumableEarlyStopHandler`) may be missing from the checkpoint: what it has is
-    loaded, one warning names the file and the missing entries, and those start from the best score recorded in
-    ``best_metric_file`` (unknown when absent: the next validation's model becomes the best model).
+    :class:`BestMetricState`, :class:`ResumableEarlyStopHandler`, :class:`GradScalerState`) may be missing from
+    the checkpoint: what it has is loaded, one warning names the file and the missing entries, and those start
+    from the best score recorded in ``best_metric_file`` (unknown when absent: the next validation's model becomes
+    the best model); a missing loss scale starts from its initial value.
 
     Args:
         load_path, load_dict, **kwargs: as MONAI's ``CheckpointLoader``.
@@ -253,12 +287,16 @@ class ResumeCheckpointLoader(CheckpointLoader):
         best = read_best_metric(self.best_metric_file)
         for k in missing:
             full[k].restore_without_state(best, Path(self.load_path))
-        start = (f"the best score starts from {self.best_metric_file} ({best[0]:.4g} at epoch {best[1]})"
-                 if best is not None else
-                 f"the best score is unknown (no {self.best_metric_file}): "
-                 "the next validation's model becomes the best")
+        starts = []
+        if any(not isinstance(full[k], GradScalerState) for k in missing):
+            starts.append(f"the best score starts from {self.best_metric_file} ({best[0]:.4g} at epoch {best[1]})"
+                          if best is not None else
+                          f"the best score is unknown (no {self.best_metric_file}): "
+                          "the next validation's model becomes the best")
+        if any(isinstance(full[k], GradScalerState) for k in missing):
+            starts.append("the mixed-precision loss scale starts from its initial value")
         logger.warning("%s was written without %s (an older checkpoint format): %s", self.load_path,
-                       ", ".join(missing), start)
+                       ", ".join(missing), "; ".join(starts))
 
 
 def unreadable(path: str | Path) -> str | None:
