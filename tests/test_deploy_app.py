@@ -198,6 +198,9 @@ def test_regions_are_read_at_the_network_resolution_or_refused_naming_the_level_
     half = tifffile.imread(tmp_path / "no_mpp.tif", key=1)
     assert np.array_equal(loaded.image, half[32:64, 64:128])
     assert (loaded.origin, loaded.downsample) == ((128.0, 64.0), 2.0)
+    # a stated resolution overrides the one the file records (level 1 of with_mpp.tif records 0.5 µm/px)
+    loaded = _region(tmp_path, slide="with_mpp.tif", location=[128, 64], size=[64, 32], level=1, mpp=0.125)
+    assert np.array_equal(loaded.image, tifffile.imread(tmp_path / "with_mpp.tif", key=1)[32:64, 64:128])
 
 
 # --- model folders, settings, outputs ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ The input path (``-i``) is a file or a folder of files:
 
   ``slide`` is relative to the request's folder (or absolute); ``location`` is the region's top-left corner in
   level-0 pixels; ``size`` is in pixels of ``level`` (default 0); optional ``mpp`` gives the slide's level-0
-  microns per pixel when the file does not record it; optional ``backend`` is ``auto`` (default), ``openslide``
+  microns per pixel, for a file that records none or records a wrong one (it overrides the file's, as a cohort
+  CSV's ``mpp`` column does for whole-slide inference); optional ``backend`` is ``auto`` (default), ``openslide``
   or ``tifffile`` (``scripts.slides.readers.open_slide``). Files named by a request are slides, not tiles.
 
 The pixels of a region must have the resolution the network was trained at (0.25 µm/px at 40x): a level whose
@@ -45,7 +46,7 @@ class RegionRequest:
         location: ``(x, y)`` top-left corner in level-0 pixels.
         size: ``(width, height)`` in pixels of ``level``.
         level: pyramid level read.
-        mpp: level-0 microns per pixel stated by the request, or None.
+        mpp: level-0 microns per pixel stated by the request (overriding the slide's), or None.
         backend: slide reader (``auto``, ``openslide``, ``tifffile``).
     """
 
@@ -187,7 +188,7 @@ def read_region(request: RegionRequest, magnification: int) -> LoadedImage:
         if request.level >= levels:
             raise ValueError(f"{request.source}: level {request.level} does not exist ({request.slide} has {levels})")
         downsample = slide.level_downsamples[request.level]
-        mpp0 = slide.mpp if slide.mpp is not None else request.mpp
+        mpp0 = request.mpp if request.mpp is not None else slide.mpp
         if mpp0 is None:
             raise ValueError(f"{request.source}: {request.slide} does not record its microns per pixel; "
                              "state the level-0 resolution with \"mpp\"")
