@@ -1,7 +1,8 @@
 """Benchmark: every GPU measurement of the CUDA path, in one run on one GPU.
 
 1. ``build``: compile the CUDA kernels (timed) and run their first-use self-check.
-2. ``parity``: the CUDA parity tests (``tests/test_cuda_msda.py``) and the op's CPU tests, by pytest.
+2. ``parity``: the CUDA parity tests (``tests/test_cuda_msda.py``, ``tests/test_cuda_predictor.py``) and the op's
+   CPU tests, by pytest.
 3. ``msda``: the compiled op against the grid_sample reference at CellVTA's shapes (``bench/msda.py``'s
    injector and extractor), batch 1 and 32, forward and forward+backward (speedup = reference / compiled).
 4. ``models``: CellVTA-L (UNI preset) and CellViT-L, random weights, 256x256 tiles: tiles/s and peak GPU
@@ -100,7 +101,7 @@ class Scale:
 
 
 GPU_RUN = Scale("cuda", "uni", (1, 16, 64), ("fp32", "fp16", "bf16"), (1, 32), 8192, 16, 16,
-                ("tests/test_cuda_msda.py", "tests/test_msda_op.py"), "bf16")
+                ("tests/test_cuda_msda.py", "tests/test_cuda_predictor.py", "tests/test_msda_op.py"), "bf16")
 # this project's CPUs emulate half precision (CellVTA's autocast forward runs ~50x slower than float32): the smoke
 # run's models and whole-slide stages stay in float32, the precision stage still runs every CPU path once
 SMOKE_RUN = Scale("cpu", "vit-t", (1, 2), ("fp32",), (1,), 512, 1, 2, ("tests/test_cuda_msda.py",), "fp32",

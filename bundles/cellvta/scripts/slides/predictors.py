@@ -57,7 +57,8 @@ class NetworkPredictor:
             as float16), as in :mod:`scripts.cells.embeddings`.
         classifier: a ``classifier.pt`` trained on this network's ``embedding_source`` embeddings (implies
             ``embeddings``); refused (ValueError naming the file) when trained for other embeddings.
-        dtype: inference precision (default: :func:`.inference.default_precision`).
+        dtype: inference precision (default: :func:`..model.precision.default_precision`); float32 on CUDA runs
+            without autocast.
 
     Attributes:
         classifier: the :class:`SlideClassifier`, or None.
@@ -74,18 +75,19 @@ class NetworkPredictor:
         self.network = network
         self.dtype = prepare_for_inference(network, self.device, dtype)
         self.num_classes = num_classes
-        self._mean = torch.as_tensor(network.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self._std = torch.as_tensor(network.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self._mean = torch.as_tensor(network.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.as_tensor(network.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray, origins: np.ndarray) -> PredictedMaps:
-        x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float()
-        x = ((x - self._mean) / self._std).to(self.device)
+        # the uint8 tiles travel to the device (a quarter of the float32 bytes) and are normalised there
+        x = torch.from_numpy(tiles).to(self.device).permute(0, 3, 1, 2).float()
+        x = (x - self._mean) / self._std
         if self.device.type == "cpu":
             x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
             out = self.network(x)
         else:
-            with torch.autocast(self.device.type, dtype=self.dtype):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 out = self.network(x)
         nuclei = torch.softmax(out["nuclei_binary_map"].float(), dim=1)[:, 1]
         types = out["nuclei_type_map"].float().argmax(dim=1).to(torch.uint8)
