@@ -347,8 +347,6 @@ def stage_models(scale: Scale, bundle: Path | None, repeats: int) -> dict:
         for precision in [p for p in scale.precisions if p != "fp32"]:
             entry[f"{precision}_vs_fp32"] = compare(outputs["fp32"], outputs[precision])
         result[name] = entry
-        del network
-        reset_peak_memory(device)
     return result
 
 

@@ -6,7 +6,6 @@ import gzip
 import json
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
