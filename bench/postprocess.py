@@ -61,7 +61,8 @@ def identical_to_fixture(maps: dict[str, np.ndarray], cells: list[dict]) -> bool
     for cell in cells:
         by_patch.setdefault(cell["patch"], []).append(cell)
     for i in range(maps["np_prob"].shape[0]):
-        inst_map, nuclei = hovernet_postprocess(maps["np_prob"][i] / 255.0, maps["hv"][i].astype(np.float32), maps["tp_prob"][i])
+        inst_map, nuclei = hovernet_postprocess(maps["np_prob"][i] / 255.0, maps["hv"][i].astype(np.float32),
+                                                maps["tp_prob"][i])
         if not same_up_to_relabelling(maps["ref_inst"][i], inst_map):
             return False
         if not np.array_equal(nuclei.type_map(inst_map), maps["ref_type"][i]):

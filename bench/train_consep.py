@@ -20,8 +20,8 @@ Budget: CPU time, not wall clock. The machine is shared, so each model trains in
 once, ``--threads`` each) and stops when that process's ``time.process_time()`` (all its threads, data
 loading included) has grown by ``--budget-min`` minutes; load from other jobs slows both alike without eating
 into either budget. Threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) so that threads spinning while they
-wait for each other on a busy machine do not count as work. The budget is checked before every step, so no model overshoots by more than one step; the
-learning rate decays once per completed epoch.
+wait for each other on a busy machine do not count as work. The budget is checked before every step, so no
+model overshoots by more than one step; the learning rate decays once per completed epoch.
 
     python bench/train_consep.py [--budget-min 40] [--batch-size 4] [--crop 128] [--backbone vit-s]
     python bench/train_consep.py --budget-min 0.2 --max-val 4      # a smoke run of a few minutes
@@ -149,7 +149,8 @@ def hovernet_loss(num_classes: int) -> Callable:
         target = {
             "nucleus_prediction": F.one_hot(batch["nuclei_binary_map"][:, 0].long(), 2).permute(0, 3, 1, 2).float(),
             "horizontal_vertical": batch["hv_map"],
-            "type_prediction": F.one_hot(batch["nuclei_type_map"][:, 0].long(), num_classes).permute(0, 3, 1, 2).float(),
+            "type_prediction": F.one_hot(batch["nuclei_type_map"][:, 0].long(),
+                                         num_classes).permute(0, 3, 1, 2).float(),
         }
         return loss({"nucleus_prediction": pred["nuclei_binary_map"], "horizontal_vertical": pred["hv_map"],
                      "type_prediction": pred["nuclei_type_map"]}, target)

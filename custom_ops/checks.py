@@ -44,7 +44,8 @@ def prepare_inputs(
         raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got shape {tuple(value.shape)}")
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
         raise ValueError(
-            f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got shape {tuple(sampling_locations.shape)}"
+            f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), "
+            f"got shape {tuple(sampling_locations.shape)}"
         )
     n, _, m, _ = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
@@ -59,9 +60,13 @@ def prepare_inputs(
             f"got {tuple(attention_weights.shape)}"
         )
     if tuple(spatial_shapes.shape) != (levels, 2):
-        raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2) = ({levels}, 2), got {tuple(spatial_shapes.shape)}")
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be (L, 2) = ({levels}, 2), got {tuple(spatial_shapes.shape)}"
+        )
     if tuple(level_start_index.shape) != (levels,):
-        raise ValueError(f"ms_deform_attn: level_start_index must be (L,) = ({levels},), got {tuple(level_start_index.shape)}")
+        raise ValueError(
+            f"ms_deform_attn: level_start_index must be (L,) = ({levels},), got {tuple(level_start_index.shape)}"
+        )
 
     dtypes = {name: named[name].dtype for name in ("value", "sampling_locations", "attention_weights")}
     if len(set(dtypes.values())) != 1 or value.dtype not in FLOAT_DTYPES:
@@ -105,4 +110,6 @@ def check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, 
             )
         offset += h * w
     if offset != s:
-        raise ValueError(f"ms_deform_attn: spatial_shapes {spatial_shapes.tolist()} describe {offset} values but value has S = {s}")
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes {spatial_shapes.tolist()} describe {offset} values but value has S = {s}"
+        )

@@ -52,7 +52,8 @@ class GroundTruthPredictor:
         out = np.zeros((*array.shape[:-2], size, size), dtype=array.dtype)
         r, c = rows[(rows >= 0) & (rows < h)], cols[(cols >= 0) & (cols < w)]
         if r.size and c.size:
-            out[..., r[0] - y : r[-1] + 1 - y, c[0] - x : c[-1] + 1 - x] = array[..., r[0] : r[-1] + 1, c[0] : c[-1] + 1]
+            out[..., r[0] - y : r[-1] + 1 - y,
+                c[0] - x : c[-1] + 1 - x] = array[..., r[0] : r[-1] + 1, c[0] : c[-1] + 1]
         return out
 
     def __call__(self, tiles: np.ndarray, origins: np.ndarray) -> PredictedMaps:

@@ -40,7 +40,8 @@ def bundle_run(workflow: str, config: str | list[str], *args: str, check: bool =
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    subprocess.run([sys.executable, "-m", "scripts.data.prepare", "synthetic", "--out", str(out), "--n", "20", "--size", "64"],
+    subprocess.run([sys.executable, "-m", "scripts.data.prepare", "synthetic", "--out", str(out), "--n", "20",
+                    "--size", "64"],
                    cwd=BUNDLE, check=True, capture_output=True, timeout=300)
     return out
 
@@ -207,7 +208,8 @@ def test_torchscript_export_equals_the_eager_network_and_outputs_match_the_metad
 def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained, synthetic, tmp_path):
     from scripts.slides.pyramid import write_pyramidal_tiff
 
-    tiles = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((synthetic / "images").glob("*.png"))[:9]]
+    tiles = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+             for p in sorted((synthetic / "images").glob("*.png"))[:9]]
     slide = tmp_path / "synthetic_slide.tif"
     write_pyramidal_tiff(slide, np.vstack([np.hstack(tiles[i : i + 3]) for i in (0, 3, 6)]), mpp=0.25, min_size=10_000)
     out = tmp_path / "wsi"
@@ -231,7 +233,8 @@ def test_whole_slide_workflow_writes_geojson_csv_embeddings_and_overlay(trained,
     from scripts.cells.classifier import CellClassifier, save_classifier
     from scripts.cells.labels import ClassTable
 
-    other = save_classifier(tmp_path / "other.pt", CellClassifier(64, 2), ClassTable(["a", "b"], [(1, 2, 3), (4, 5, 6)]),
+    other = save_classifier(tmp_path / "other.pt", CellClassifier(64, 2),
+                            ClassTable(["a", "b"], [(1, 2, 3), (4, 5, 6)]),
                             "decoder", "0123456789abcdef")
     refused = bundle_run("inferring", WHOLE_SLIDE, "--bundle_root", str(trained), "--input", str(slide),
                          "--output_dir", str(tmp_path / "refused"), "--classifier", str(other), check=False)
@@ -280,11 +283,13 @@ def test_an_official_checkpoint_through_the_inference_workflow_sets_the_switches
     changed = 0
     for image in images:
         stem = Path(image).stem
-        auto, by_hand, unswitched = (np.load(tmp_path / d / f"{stem}.npz") for d in ("official", "by_hand", "unswitched"))
+        auto, by_hand, unswitched = (np.load(tmp_path / d / f"{stem}.npz")
+                                     for d in ("official", "by_hand", "unswitched"))
         for key in ("inst_map", "type_map"):
             np.testing.assert_array_equal(auto[key], by_hand[key])
         changed += int(not np.array_equal(auto["inst_map"], unswitched["inst_map"]))
-        assert (tmp_path / "official" / f"{stem}.geojson").read_text() == (tmp_path / "by_hand" / f"{stem}.geojson").read_text()
+        assert (tmp_path / "official" / f"{stem}.geojson").read_text() == \
+               (tmp_path / "by_hand" / f"{stem}.geojson").read_text()
     assert changed > 0
     refused = infer("refused", "--checkpoint", str(official_ckpt), "--official_normalization", "False", check=False)
     assert refused.returncode != 0

@@ -81,7 +81,8 @@ def test_unknown_override_keys_are_refused_with_the_closest_key():
         check_overrides({"splits#consep#vall": []}, config)
     # a new key of a component must be an argument of its target
     check_overrides({"train#trainer#epoch_length": 2, "validate#handlers#0#name": "x"}, config)
-    with pytest.raises(ValueError, match=r"no key 'train#trainer#max_epoch'.*did you mean --train#trainer#max_epochs\?"):
+    with pytest.raises(ValueError,
+                       match=r"no key 'train#trainer#max_epoch'.*did you mean --train#trainer#max_epochs\?"):
         check_overrides({"train#trainer#max_epoch": 2}, config)
     with pytest.raises(ValueError, match=r"did you mean --validate#handlers#0#iteration_log\?"):
         check_overrides({"validate#handlers#0#iteration_logg": False}, config)
@@ -144,7 +145,8 @@ def test_the_default_dataset_is_the_demo_data_made_on_first_use(tmp_path):
 
 def test_mlflow_params_are_every_setting_the_run_resolved_with_its_overrides():
     parser = ConfigParser({
-        "imports": ["$import scripts", "$import scripts.training.tracking"], "_meta_": {"version": "1.2.3"}, "epochs": 3, "betas": [0.9, 0.99], "unused": 5, "sizes": {"a": 1},
+        "imports": ["$import scripts", "$import scripts.training.tracking"], "_meta_": {"version": "1.2.3"},
+        "epochs": 3, "betas": [0.9, 0.99], "unused": 5, "sizes": {"a": 1},
         "net": {"_target_": "torch.nn.Identity"}, "device": "$torch.device('cpu')",
         "params": "$scripts.training.tracking.ConfigParams(@_meta_, __local_refs)",
         "job": {"_target_": "torch.nn.ModuleList", "modules": ["@net"]},

@@ -507,7 +507,8 @@ def runs(consep, probe_model, tmp_path_factory) -> dict[str, Path | subprocess.C
 
     processes = {
         "workflow": _popen([sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file",
-                            "['configs/common.yaml','configs/inference.yaml']", "--args_file", str(probe_model / "overrides.json"),
+                            "['configs/common.yaml','configs/inference.yaml']",
+                            "--args_file", str(probe_model / "overrides.json"),
                             "--bundle_root", str(root), "--model_dir", str(probe_model), "--input_dir", str(tiles),
                             "--output_dir", str(root / "workflow_out"), "--num_workers", "0"], cwd=BUNDLE),
         "app": _popen(_app_command(APP_DIR, "-i", str(app_in), "-o", str(root / "app_out"), "-m", str(probe_model)),

@@ -77,7 +77,8 @@ def test_summary_equals_reference(fixture_scores: list[M.ImageScores], reference
 def test_centroids_and_types_equal_reference_cells(fixture_maps: dict[str, np.ndarray], reference: dict) -> None:
     cells = reference["cells"]
     for i in range(40):
-        xy, types = M.instance_centroids_and_types(fixture_maps["ref_inst"][i], fixture_maps["ref_type"][i], NUM_CLASSES)
+        xy, types = M.instance_centroids_and_types(fixture_maps["ref_inst"][i], fixture_maps["ref_type"][i],
+                                                   NUM_CLASSES)
         mine = sorted((c for c in cells if c["patch"] == i), key=lambda c: c["id"])
         assert [c["id"] for c in mine] == list(range(1, len(mine) + 1))
         np.testing.assert_allclose(xy, [c["centroid_xy"] for c in mine], rtol=0, atol=1e-9)
@@ -144,7 +145,8 @@ def test_large_tile_equals_sum_of_its_patches(fixture_maps, fixture_scores) -> N
     np.testing.assert_allclose(big.binary_counts, sum(s.binary_counts for s in parts), rtol=1e-12)
     np.testing.assert_allclose(big.class_counts, sum(s.class_counts for s in parts), rtol=1e-12)
     overlaps = [M.instance_overlap(m["gt_inst"][i], m["ref_inst"][i]) for i in idx]
-    expected_dice = 2 * sum(o.inter.sum() for o in overlaps) / sum(o.gt_area.sum() + o.pred_area.sum() for o in overlaps)
+    expected_dice = (2 * sum(o.inter.sum() for o in overlaps)
+                     / sum(o.gt_area.sum() + o.pred_area.sum() for o in overlaps))
     assert big.dice == pytest.approx(expected_dice, abs=1e-12)
 
 
@@ -276,7 +278,8 @@ def test_random_maps_match_monai_and_brute_force(gt: tuple, pred: tuple) -> None
     score = M.evaluate_image(gi, gt_t, pi, pt, NUM_CLASSES)
     np.testing.assert_allclose(score.binary_counts, _monai_counts(pi, gi), atol=1e-5)
     for c in range(1, NUM_CLASSES):
-        np.testing.assert_allclose(score.class_counts[c - 1], _monai_counts(pi * (pt == c), gi * (gt_t == c)), atol=1e-5)
+        np.testing.assert_allclose(score.class_counts[c - 1], _monai_counts(pi * (pt == c), gi * (gt_t == c)),
+                                   atol=1e-5)
     overlap = M.instance_overlap(gi, pi)
     for thr in (0.3, 0.75):
         monai = compute_panoptic_quality(

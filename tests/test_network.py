@@ -99,7 +99,8 @@ def test_backward_reaches_only_trainable_parameters():
     assert not any(n.startswith(("encoder.spm", "encoder.interactions", "decoder")) for n in frozen)
 
 
-@pytest.mark.parametrize("policy,trains_vit_blocks,trains_adapter", [("full", True, True), ("decoder_only", False, False)])
+@pytest.mark.parametrize("policy,trains_vit_blocks,trains_adapter",
+                         [("full", True, True), ("decoder_only", False, False)])
 def test_freeze_policies(policy, trains_vit_blocks, trains_adapter):
     model = CellVTA(**SMALL, freeze=policy, device="meta")
     grads = dict((n, p.requires_grad) for n, p in model.named_parameters())

@@ -429,7 +429,8 @@ def watershed_inputs(seed: int, levels: int) -> tuple[np.ndarray, np.ndarray, np
     shape = tuple(rng.integers(6, 48, 2))
     mask = ndimage.gaussian_filter(rng.random(shape), 1.5) > rng.uniform(0.45, 0.55)
     regions, n_regions = ndimage.label(mask)
-    coarse = rng.integers(1, 9, (shape[0] // 3 + 1, shape[1] // 3 + 1)).repeat(3, 0).repeat(3, 1)[: shape[0], : shape[1]]
+    coarse = (rng.integers(1, 9, (shape[0] // 3 + 1, shape[1] // 3 + 1))
+              .repeat(3, 0).repeat(3, 1)[: shape[0], : shape[1]])
     markers = np.where(ndimage.gaussian_filter(rng.random(shape), 1.0) > rng.uniform(0.5, 0.56), coarse, 0)
     height = rng.random(shape)
     if levels:
@@ -512,7 +513,8 @@ def test_array_and_dict_transforms_match_the_function(fixture_maps):
     assert out["x"] == 1 and np.array_equal(out["inst_map"][0], expected_map)
     assert np.array_equal(out["type_map"][0], fixture_maps["ref_type"][i]) and len(out["nuclei"]) == len(expected)
 
-    untyped = HoVerNetPostProcessingd(keys=("nuclei_binary_map", "hv_map"))({"nuclei_binary_map": np_logits, "hv_map": hv})
+    untyped = HoVerNetPostProcessingd(keys=("nuclei_binary_map", "hv_map"))({"nuclei_binary_map": np_logits,
+                                                                              "hv_map": hv})
     assert np.array_equal(untyped["inst_map"][0], expected_map) and not untyped["type_map"].any()
 
 
@@ -566,7 +568,8 @@ def test_corrected_monai_agrees_with_stock_monai_and_with_cellvit(fixture_maps):
     corrected = HoVerNetPostProcessingd(implementation="monai")
     pqs = []
     for i in (0, 9, 13, 20):
-        prob, hv, tp = fixture_maps["nuclei_prob"][i], fixture_maps["hv32"][i], fixture_maps["tp_prob"][i].astype(np.float32)
+        prob, hv, tp = (fixture_maps["nuclei_prob"][i], fixture_maps["hv32"][i],
+                        fixture_maps["tp_prob"][i].astype(np.float32))
         out = corrected({"nuclei_binary_map": logits(prob), "hv_map": hv, "nuclei_type_map": tp})
         info, stock_map = stock_instances(logits(prob), hv)
         info, stock_type_map = stock_types(tp, info, stock_map)

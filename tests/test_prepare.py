@@ -312,7 +312,8 @@ def test_label_maps_with_non_integer_nan_or_negative_ids_are_refused_naming_the_
         args = _user_folder(tmp_path / name, bad)
         with pytest.raises(ValueError, match=message):
             prepare.folder(**args)
-        assert not (tmp_path / name / "out" / "labels").exists() or not list((tmp_path / name / "out" / "labels").iterdir())
+        assert not (tmp_path / name / "out" / "labels").exists() or \
+               not list((tmp_path / name / "out" / "labels").iterdir())
     # the same maps with integer values convert
     args = _user_folder(tmp_path / "good", inst.astype(np.float64))
     inst_out, _ = _labels(dataset_list(prepare.folder(**args))[0])

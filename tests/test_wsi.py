@@ -202,7 +202,8 @@ def test_openslide_and_tifffile_read_the_same_pixels_and_find_the_same_nuclei(sl
     found = {}
     for backend in ("openslide", "tifffile"):
         out = tmp_path / backend
-        summary = run_slide(slide, out, HematoxylinPredictor(), CLASSES, WSISettings(**{**SETTINGS.__dict__, "backend": backend}))
+        summary = run_slide(slide, out, HematoxylinPredictor(), CLASSES,
+                            WSISettings(**{**SETTINGS.__dict__, "backend": backend}))
         found[backend] = (out / "mosaic.tif.csv").read_text()
         assert summary["cells"] > 50
     assert found["openslide"] == found["tifffile"]

@@ -118,7 +118,8 @@ class CellVTAPipeline:
 
     Attributes:
         preprocessing: dict transform, ``{"image": (H, W, 3) uint8}`` -> ``{"image": (3, H, W) float32}`` normalised.
-        network: the network restricted to its maps (``scripts.model.spatial_outputs.SpatialOutputs``), in eval mode on ``device``.
+        network: the network restricted to its maps (``scripts.model.spatial_outputs.SpatialOutputs``), in eval mode on
+            ``device``.
         inferer: sliding-window inferer, ``(1, 3, H, W)`` -> dict of ``(1, C, H, W)`` maps.
         postprocessing: dict transform on ``{"pred": maps}`` adding ``inst_map``, ``type_map`` and ``nuclei``.
         class_names: class names of the nuclei, background first (a cell classifier's when one is given).

@@ -180,8 +180,8 @@ def read_region(request: RegionRequest, magnification: int) -> LoadedImage:
         magnification: the network's magnification (its microns per pixel are ``10 / magnification``).
 
     Raises:
-        ValueError (``scripts.slides.readers.SlideError``): the slide cannot be read, the level does not exist, the region
-            lies outside the slide, the resolution is unknown or does not match; the message names the request.
+        ValueError (``scripts.slides.readers.SlideError``): the slide cannot be read, the level does not exist, the
+            region lies outside the slide, the resolution is unknown or does not match; the message names the request.
     """
     with open_slide(request.slide, request.backend) as slide:
         levels = len(slide.level_dimensions)

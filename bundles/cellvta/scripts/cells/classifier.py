@@ -155,7 +155,8 @@ def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable
     path.parent.mkdir(parents=True, exist_ok=True)
     first = model.net if isinstance(model.net, nn.Linear) else model.net[0]
     payload = {"state_dict": model.state_dict(), "classes": list(classes.names),
-               "colours": [list(c) for c in classes.colours], "source": source, "branch": branch, "fingerprint": fingerprint,
+               "colours": [list(c) for c in classes.colours], "source": source,
+               "branch": branch, "fingerprint": fingerprint,
                "in_dim": int(first.in_features), "hidden": 0 if isinstance(model.net, nn.Linear) else
                int(first.out_features), "dropout": 0.0 if isinstance(model.net, nn.Linear) else
                float(model.net[2].p), "images": sorted(images)}

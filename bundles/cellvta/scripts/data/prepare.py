@@ -7,7 +7,8 @@ Command line (from ``bundles/cellvta``)::
     python -m scripts.data.prepare conic     --src CoNIC/ --out data/conic
     python -m scripts.data.prepare consep    --src CoNSeP/ --out data/consep
     python -m scripts.data.prepare monuseg   --src MoNuSeg/ --out data/monuseg --split train
-    python -m scripts.data.prepare folder    --images imgs/ --instances inst/ [--types types/ --classes a,b] --out data/mine
+    python -m scripts.data.prepare folder    --images imgs/ --instances inst/ [--types types/ --classes a,b] \\
+        --out data/mine
     python -m scripts.data.prepare arrays    --src tiles.npz --out data/mine --classes a,b
 
 Every converter checks its input (missing files, label size different from the image, images that

@@ -46,8 +46,10 @@ class SpatialPriorModule(nn.Module):
             nn.Conv2d(inplanes, inplanes, 3, 2, 1, bias=False),
         )
         self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, inplanes), *conv_bn_relu(inplanes, 2 * inplanes, 2))
-        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 2 * inplanes), *conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
-        self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes), *conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
+        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 2 * inplanes),
+                                   *conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
+        self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes),
+                                   *conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
         self.fc1 = nn.Conv2d(inplanes, embed_dim, 1)
         self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, 1)
         self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, 1)
@@ -330,7 +332,8 @@ class AdapterEncoder(nn.Module):
             raise ValueError(f"input size {h}x{w} must be a multiple of {GRID_STRIDE}")
         layout = self.layout(h, w, x.device)
         c1, c2, c3, c4 = self.spm(x)
-        c = torch.cat([m.permute(0, 2, 3, 1).flatten(1, 2) + self.level_embed[i] for i, m in enumerate((c2, c3, c4))], 1)
+        c = torch.cat([m.permute(0, 2, 3, 1).flatten(1, 2) + self.level_embed[i]
+                       for i, m in enumerate((c2, c3, c4))], 1)
         tokens, prefix = self.embed(x)
         vit_outs = []
         grid = (h // GRID_STRIDE, w // GRID_STRIDE)

@@ -18,9 +18,12 @@ and ``onnxruntime`` are needed only for these two.
 Command line, from ``bundles/cellvta``::
 
     python -m scripts.model.export verify_net_io --config_file "['configs/common.yaml','configs/inference.yaml']"
-    python -m scripts.model.export compare_torchscript --ts_file models/model.ts --config_file "['configs/common.yaml','configs/inference.yaml']"
-    python -m scripts.model.export export_onnx --config_file "['configs/common.yaml','configs/inference.yaml']" --onnx_file models/model.onnx
-    python -m scripts.model.export compare_onnx --onnx_file models/model.onnx --config_file "['configs/common.yaml','configs/inference.yaml']"
+    python -m scripts.model.export compare_torchscript --ts_file models/model.ts \\
+        --config_file "['configs/common.yaml','configs/inference.yaml']"
+    python -m scripts.model.export export_onnx --config_file "['configs/common.yaml','configs/inference.yaml']" \\
+        --onnx_file models/model.onnx
+    python -m scripts.model.export compare_onnx --onnx_file models/model.onnx \\
+        --config_file "['configs/common.yaml','configs/inference.yaml']"
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def check_outputs(
     return problems
 
 
-def _parser(config_file: str | Sequence[str], meta_file: str | Sequence[str], override: Mapping[str, Any]) -> ConfigParser:
+def _parser(config_file: str | Sequence[str], meta_file: str | Sequence[str],
+            override: Mapping[str, Any]) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.read_meta(meta_file)
@@ -109,7 +113,8 @@ def _parser(config_file: str | Sequence[str], meta_file: str | Sequence[str], ov
 def _random_input(parser: ConfigParser, batch: int, n: int) -> torch.Tensor:
     desc = parser.get(f"{IO_PREFIX}#inputs#image")
     shape = (batch, int(desc["num_channels"]), *fake_spatial_shape(desc["spatial_shape"], n))
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=get_equivalent_dtype(desc["dtype"], torch.Tensor))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0),
+                       dtype=get_equivalent_dtype(desc["dtype"], torch.Tensor))
 
 
 def verify_net_io(
@@ -169,7 +174,8 @@ def _differences(
             raise ValueError(f"{file}: output '{name}' missing (it has {sorted(exported)})")
         out = exported[name]
         if tuple(out.shape) != tuple(ref.shape):
-            raise ValueError(f"{file}: output '{name}' has shape {tuple(out.shape)}, the eager network {tuple(ref.shape)}")
+            raise ValueError(f"{file}: output '{name}' has shape {tuple(out.shape)}, "
+                             f"the eager network {tuple(ref.shape)}")
         diffs[name] = float((out - ref).abs().max())
         if not torch.allclose(out, ref, atol=atol, rtol=rtol):
             raise ValueError(f"{file}: output '{name}' differs from the eager network by up to {diffs[name]:.3g}")

@@ -46,7 +46,8 @@ class Branch(nn.Module):
         super().__init__()
         w0, w1, w2, w3 = widths
         self.bottleneck_upsampler = (
-            nn.Sequential(Deconv2DBlock(in_dim, w3, dropout)) if deconv_bottleneck else nn.ConvTranspose2d(in_dim, w3, 2, 2)
+            nn.Sequential(Deconv2DBlock(in_dim, w3, dropout)) if deconv_bottleneck
+            else nn.ConvTranspose2d(in_dim, w3, 2, 2)
         )
         self.decoder3_upsampler = nn.Sequential(
             Conv2DBlock(2 * w3, w3, dropout), Conv2DBlock(w3, w3, dropout), Conv2DBlock(w3, w3, dropout),

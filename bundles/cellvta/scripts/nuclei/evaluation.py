@@ -59,7 +59,8 @@ def _from_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if "inst_type" not in mat:
         raise ValueError(f"{path}: neither 'type_map' nor 'inst_type' in the .mat file")
     inst_type = np.asarray(mat["inst_type"]).ravel().astype(np.int64)
-    uid = np.asarray(mat["inst_uid"]).ravel().astype(np.int64) if "inst_uid" in mat else np.arange(1, inst_type.size + 1)
+    uid = (np.asarray(mat["inst_uid"]).ravel().astype(np.int64) if "inst_uid" in mat
+           else np.arange(1, inst_type.size + 1))
     if uid.size != inst_type.size:
         raise ValueError(f"{path}: inst_uid has {uid.size} entries and inst_type {inst_type.size}")
     lut = np.zeros(max(int(inst.max(initial=0)), int(uid.max(initial=0))) + 1, dtype=np.int64)
@@ -226,8 +227,11 @@ def _pair(pred: Maps, gt: Maps, pair_by_order: bool = False) -> list[tuple[str, 
     no_pred = [n for n, *_ in gt if n not in by_name]
     no_gt = [n for n, *_ in pred if n not in gt_names]
     if no_pred or no_gt:
-        problems = ([f"{len(no_pred)} ground-truth images without a prediction: {_listed(no_pred)}"] if no_pred else []) + (
-            [f"{len(no_gt)} predictions without ground truth: {_listed(no_gt)}"] if no_gt else [])
+        problems = []
+        if no_pred:
+            problems.append(f"{len(no_pred)} ground-truth images without a prediction: {_listed(no_pred)}")
+        if no_gt:
+            problems.append(f"{len(no_gt)} predictions without ground truth: {_listed(no_gt)}")
         raise ValueError("images are paired by name; " + "; ".join(problems)
                          + " (pair_by_order / --pair_by_order pairs them by position instead)")
     return [(name, tuple(by_name[name]), (inst, types)) for name, inst, types in gt]
@@ -405,7 +409,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 _LABELS = {
     "bpq": "bPQ", "bdq": "bDQ", "bsq": "bSQ", "mpq": "mPQ (PanNuke, per image)", "mdq": "mDQ", "msq": "mSQ",
     "mpq_plus": "mPQ+ (CoNIC, aggregated)", "aji": "AJI", "aji_plus": "AJI+", "dice": "Dice", "jaccard": "Jaccard",
-    "detection_f1": "Detection F1", "detection_precision": "Detection precision", "detection_recall": "Detection recall",
+    "detection_f1": "Detection F1", "detection_precision": "Detection precision",
+    "detection_recall": "Detection recall",
 }
 
 

@@ -323,4 +323,5 @@ class NucleiMetricsSaver:
             summary["tissue_classification"] = self.tissue_metric.summary
         config = {"metric": self.metric.metric_name, "num_classes": self.metric.num_classes,
                   "class_names": self.metric.class_names, "detection_radius_px": self.metric.radius_px}
-        write_report(json_ready({"config": config, "summary": summary, "per_image": per_image}), self.output_dir, self.stem)
+        write_report(json_ready({"config": config, "summary": summary, "per_image": per_image}), self.output_dir,
+                     self.stem)

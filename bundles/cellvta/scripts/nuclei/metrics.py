@@ -569,7 +569,8 @@ def detection_scores(matches: Iterable[DetectionMatch], num_classes: int) -> dic
         arrays = [getattr(m, attr) for m in matches]
         return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
-    pg, pp, ug, up = (cat(a) for a in ("paired_gt_types", "paired_pred_types", "unpaired_gt_types", "unpaired_pred_types"))
+    pg, pp, ug, up = (cat(a) for a in ("paired_gt_types", "paired_pred_types", "unpaired_gt_types",
+                                       "unpaired_pred_types"))
     tp, fp, fn = pg.size, up.size, ug.size
     per_class = []
     for t in range(1, num_classes):

@@ -481,7 +481,8 @@ def _contours(inst_map: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> list[
     out = []
     for i, (r0, c0), (r1, c1) in zip(ids.tolist(), boxes[:, 0].tolist(), boxes[:, 1].tolist()):
         crop = (inst_map[r0:r1, c0:c1] == i).view(np.uint8)
-        out.append(cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(c0, r0))[0][0].reshape(-1, 2))
+        out.append(cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                    offset=(c0, r0))[0][0].reshape(-1, 2))
     return out
 
 

@@ -337,7 +337,8 @@ def parse_resume(resume: bool | str | None) -> bool | str:
 
 
 def resume_path(ckpt_dir: str | Path, resume: bool | str | None) -> str | None:
-    """The checkpoint to resume from: ``resume`` as a path, the newest readable one in ``ckpt_dir`` if true, None if false.
+    """The checkpoint to resume from: ``resume`` as a path, the newest readable one in ``ckpt_dir`` if true, None
+    if false.
 
     Raises:
         FileNotFoundError: a resume is asked for and there is nothing to resume from.
