@@ -102,7 +102,7 @@ class Scale:
 
 GPU_RUN = Scale("cuda", "uni", (1, 16, 64), ("fp32", "fp16", "bf16"), (1, 32), 8192, 16, 16,
                 ("tests/test_cuda_msda.py", "tests/test_cuda_predictor.py", "tests/test_msda_op.py"), "bf16")
-# this project's CPUs emulate half precision (CellVTA's autocast forward runs ~50x slower than float32): the smoke
+# CPUs without native bf16 emulate half precision (CellVTA's autocast forward ~50x slower than float32): the smoke
 # run's models and whole-slide stages stay in float32, the precision stage still runs every CPU path once
 SMOKE_RUN = Scale("cpu", "vit-t", (1, 2), ("fp32",), (1,), 512, 1, 2, ("tests/test_cuda_msda.py",), "fp32",
                   {"depth": 4})
