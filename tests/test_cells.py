@@ -14,7 +14,7 @@ from scripts.cells.classifier import classification_metrics, load_classifier, pr
 from scripts.cells.embeddings import CellEmbedder, CellEmbeddings, pool_cells
 from scripts.cells.labels import ClassTable, PointLabels, match_points, read_point_csv, read_qupath_geojson
 from scripts.cells.workflow import dataset_items, run_classifying, run_embedding, run_training
-from scripts.data.datasets import DatasetWriter, instance_types
+from scripts.data.datasets import DatasetWriter, image_digest, image_digests, instance_types, read_image, write_png
 from scripts.model.network import CellViT
 
 CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
@@ -206,6 +206,21 @@ def test_workflow_dataset_and_points(consep, tiny_net, tmp_path):
     before = paths[0].stat().st_mtime_ns
     run_embedding(tiny_net, dataset_items(str(root)), str(emb_dir), "decoder")   # cached: not rewritten
     assert paths[0].stat().st_mtime_ns == before
+    # the cache follows the pixels: an image saved again unchanged keeps it, a changed one is embedded again
+    original = CellEmbeddings.load(paths[0])
+    image = read_image(root / "images" / "p0.png")
+    assert original.image_digest == image_digest(image) == image_digest(consep["images"][0][:128, :128])
+    write_png(root / "images" / "p0.png", image)
+    run_embedding(tiny_net, dataset_items(str(root)), str(emb_dir), "decoder")
+    assert paths[0].stat().st_mtime_ns == before
+    write_png(root / "images" / "p0.png", image // 2)  # re-normalised under the same name
+    run_embedding(tiny_net, dataset_items(str(root)), str(emb_dir), "decoder")
+    changed = CellEmbeddings.load(paths[0])
+    assert changed.image_digest == image_digest(image // 2) != original.image_digest
+    assert np.array_equal(changed.ids, original.ids) and not np.allclose(changed.embeddings, original.embeddings)
+    write_png(root / "images" / "p0.png", image)
+    run_embedding(tiny_net, dataset_items(str(root)), str(emb_dir), "decoder")
+    np.testing.assert_allclose(CellEmbeddings.load(paths[0]).embeddings, original.embeddings, atol=1e-5)
     classes = [{"name": "immune", "colour": [200, 0, 0]}, {"name": "tissue", "colour": [0, 150, 0]}]
     class_map = {"inflammatory": "immune", "epithelial": "tissue", "spindle-shaped": "tissue", "other": "tissue"}
     out = tmp_path / "models"
@@ -277,12 +292,20 @@ def test_the_test_split_never_trains_and_validation_holds_out_whole_tiles(consep
         assert summary["train_cells"] + summary["metrics"]["n"] == sum(nuclei.values()) - nuclei["t0"]
         held.add(tuple(val))
     assert len(held) > 1  # the seed chooses which tile
-    # the classifier records the images it has seen: scored on the test image it passes, on its own it is refused
+    # the classifier records the images it has seen by their pixels: scored on the test image it passes, on its
+    # own images it is refused, under any name; another image under a training image's name passes
     classifier = tmp_path / "m0" / "classifier.pt"
-    assert load_classifier(classifier)[2]["images"] == ["a0", "a1", "b0", "b1", "c0"]
-    NucleiClassifier(classifier, evaluated=["t0"])
+    digests = image_digests(dataset_items(str(root)))
+    assert load_classifier(classifier)[2]["images"] == {n: digests[n] for n in ("a0", "a1", "b0", "b1", "c0")}
+    NucleiClassifier(classifier, evaluated={"t0": digests["t0"]})
     with pytest.raises(ValueError, match=r"classifier.pt: trained on 2 of the 3 evaluated images \(a1, c0\)"):
-        NucleiClassifier(classifier, evaluated=["a1", "c0", "t0"])
+        NucleiClassifier(classifier, evaluated={n: digests[n] for n in ("a1", "c0", "t0")})
+    with pytest.raises(ValueError, match=r"trained on 1 of the 1 evaluated images \(renamed\)"):
+        NucleiClassifier(classifier, evaluated={"renamed": digests["b0"]})
+    NucleiClassifier(classifier, evaluated={"a1": digests["t0"]})
+    # without the pixels (the evaluation command line), images are identified by name
+    with pytest.raises(ValueError, match=r"trained on 1 of the 2 evaluated images \(a1\)"):
+        NucleiClassifier(classifier, evaluated={"a1": None, "t0": None})
 
 
 def test_cells_config_resolves(monkeypatch, tmp_path):

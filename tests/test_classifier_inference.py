@@ -5,6 +5,7 @@ network or with other classes is refused naming the file, and without one the ou
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -18,7 +19,7 @@ from scripts.cells.apply import NucleiClassifier
 from scripts.cells.classifier import CellClassifier, load_classifier, predict, save_classifier, train_classifier
 from scripts.cells.embeddings import SOURCES, CellEmbedder, FeatureSource, model_fingerprint
 from scripts.cells.labels import ClassTable
-from scripts.data.datasets import read_info, save_class_table
+from scripts.data.datasets import image_digest, read_info, save_class_table
 from scripts.data.prepare import SYNTHETIC_CLASSES, synthetic
 from scripts.inference.windows import AlignedSlidingWindowInferer
 from scripts.inference.writers import overlay, write_geojson
@@ -67,14 +68,16 @@ def network(model_dir, dataset):
     return net.eval()
 
 
-def _classifier(path: Path, network, source: str, table: ClassTable = NEW_CLASSES, seed: int = 0) -> Path:
-    """A classifier of ``network``'s ``source`` embeddings trained on random embeddings (any weights will do)."""
+def _classifier(path: Path, network, source: str, table: ClassTable = NEW_CLASSES, seed: int = 0,
+                images: dict[str, str] | None = None) -> Path:
+    """A classifier of ``network``'s ``source`` embeddings trained on random embeddings (any weights will do),
+    recording ``images`` ({name: pixel digest}) as the images it has seen."""
     dim = network.encoder.vit.embed_dim if source == "vit" else 64
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(60, dim)).astype(np.float32)
     y = np.arange(60) % len(table.names)
     model = train_classifier(x, y, table.names, hidden=8, epochs=3, seed=seed).model
-    return save_classifier(path, model, table, source, model_fingerprint(network))
+    return save_classifier(path, model, table, source, model_fingerprint(network), images=images)
 
 
 def _image(dataset: Path, index: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -270,6 +273,16 @@ def test_evaluation_workflow_scores_the_classifier_types(model_dir, dataset, net
         assert found <= {0, expected}
         typed += found == {expected}
     assert typed >= 1
+
+    # a classifier that has seen one of the test images, under another name, is refused by the workflow
+    seen = _classifier(tmp_path / "seen.pt", network, "decoder", table, images={"renamed": image_digest(image)})
+    parser = _parser(["train.yaml", "evaluate.yaml"], dataset_dir=str(dataset), bundle_root=str(model_dir),
+                     ckpt_path=str(model_dir / "models" / "model.pt"), output_dir=str(tmp_path / "seen"),
+                     classifier=str(seen), eval_split="test")
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("cell_classifier")
+    assert re.search(rf"seen.pt: trained on 1 of the {len(saved)} evaluated images \({sample}\)",
+                     f"{err.value} {err.value.__cause__}")
 
     other = _classifier(tmp_path / "other.pt", network, "decoder")
     with pytest.raises(ValueError, match=r"other.pt: classes \['tumour', 'immune', 'stroma'\] are not the dataset's"):

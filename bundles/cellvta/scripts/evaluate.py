@@ -44,9 +44,10 @@ def main(
 
     ``classifier``: the ``classifier.pt`` whose classes the predictions' type maps hold (tile inference run with
     it), mapped to ``class_names`` by name or ``class_map`` (``--class_map='{tumour: epithelial, ...}'``); refused
-    when it was trained on any of the evaluated images.
+    when it was trained on any of the evaluated images (identified by name: the command line sees the
+    predictions, not the images; the evaluation workflow compares pixels).
     """
-    pred_classes, trained_on = None, []
+    pred_classes, trained_on = None, {}
     if classifier is not None:
         _, table, meta = load_classifier(classifier)
         pred_classes, trained_on = table.names, meta["images"]
@@ -55,7 +56,8 @@ def main(
         dummy_points, pair_by_order, pred_classes, class_map,
     )
     if classifier is not None:
-        check_unseen(Path(classifier), trained_on, [record["name"] for record in result["per_image"]])
+        # the predictions' images are not at hand: images are identified by name
+        check_unseen(Path(classifier), trained_on, {record["name"]: None for record in result["per_image"]})
     if pred_tissues is not None:
         if tissues is None:
             raise ValueError("--pred_tissues needs the ground-truth tissues (--tissues) to be scored against")

@@ -30,9 +30,20 @@ __all__ = ["NucleiClassifier", "check_unseen"]
 BACKGROUND_COLOUR = (0, 0, 0)
 
 
-def check_unseen(path: Path, trained_on: Sequence[str], evaluated: Sequence[str]) -> None:
-    """Refuse to score a classifier on images whose nuclei trained or validated it (ValueError naming them)."""
-    seen = sorted(set(trained_on) & set(evaluated))
+def check_unseen(path: Path, trained_on: Mapping[str, str], evaluated: Mapping[str, str | None]) -> None:
+    """Refuse to score a classifier on images whose nuclei trained or validated it (ValueError naming them).
+
+    Args:
+        trained_on: ``{name: pixel digest}`` of the classifier's images ("" where it was not recorded).
+        evaluated: ``{name: pixel digest}`` of the evaluated images (None where their pixels are not at hand).
+
+    Images are the same when their pixels are, whatever their names, when both sides have digests; otherwise
+    when their names are.
+    """
+    by_pixels = all(trained_on.values()) and all(evaluated.values())
+    digests = set(trained_on.values())
+    seen = sorted(name for name, digest in evaluated.items()
+                  if (digest in digests if by_pixels else name in trained_on))
     if seen:
         listed = ", ".join(seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
         raise ValueError(f"{path}: trained on {len(seen)} of the {len(set(evaluated))} evaluated images ({listed}); "
@@ -58,8 +69,8 @@ class NucleiClassifier:
         class_map: {classifier class: name in ``classes``}; None: the classifier's classes must be those of
             ``classes`` (background excluded).
         features_key: the key of the source map in the prediction dict.
-        evaluated: names of the images the classifier's types are to be scored on: refused (ValueError) when it
-            was trained on any of them.
+        evaluated: ``{name: pixel digest}`` of the images the classifier's types are to be scored on
+            (``scripts.data.datasets.image_digests``): refused (ValueError) when it was trained on any of them.
 
     Attributes:
         source, branch: the classifier's embedding source (and decoder branch, as recorded in its file); scale:
@@ -71,10 +82,10 @@ class NucleiClassifier:
 
     def __init__(self, path: str | Path, classes: Sequence[str] | None = None,
                  class_map: Mapping[str, str] | None = None, features_key: str = "source_features",
-                 evaluated: Sequence[str] = ()) -> None:
+                 evaluated: Mapping[str, str | None] | None = None) -> None:
         self.path = Path(path)
         self.model, table, meta = load_classifier(self.path)
-        check_unseen(self.path, meta["images"], evaluated)
+        check_unseen(self.path, meta["images"], evaluated or {})
         self.source, self.branch = meta["source"], meta["branch"]
         if self.source not in SOURCES:
             raise ValueError(f"{self.path}: unknown embedding source {self.source!r}; known: {list(SOURCES)}")

@@ -7,13 +7,15 @@ split, early stopping on the validation macro-F1 (the best epoch's weights are k
 
 ``classifier.pt`` (read with ``torch.load(weights_only=True)``): ``state_dict``, ``classes`` and ``colours`` (the
 class table), ``source``, ``branch`` (the decoder branch of the ``decoder`` source) and ``fingerprint`` (the
-embeddings it was trained for), ``in_dim``, ``hidden``, ``dropout`` and ``images`` (the names of the images whose
-nuclei trained or validated it; empty in files written before it was recorded).
+embeddings it was trained for), ``in_dim``, ``hidden``, ``dropout``, ``images`` (the names of the images whose
+nuclei trained or validated it; empty in files written before it was recorded) and ``image_digests`` (``{name:
+pixel digest}`` of those images, ``scripts.data.datasets.image_digest``; "" for an image embedded before digests
+were recorded).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +150,11 @@ def train_classifier(x: np.ndarray, y: np.ndarray, names: list[str], hidden: int
 
 
 def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable, source: str,
-                    fingerprint: str, branch: str = "nuclei_type_map", images: Sequence[str] = ()) -> Path:
-    """Write ``classifier.pt`` atomically (module docstring); ``images``: the names of the images whose nuclei
-    trained or validated it (evaluation refuses to score it on them)."""
+                    fingerprint: str, branch: str = "nuclei_type_map", images: Mapping[str, str] | None = None,
+                    ) -> Path:
+    """Write ``classifier.pt`` atomically (module docstring); ``images``: ``{name: pixel digest}`` of the images
+    whose nuclei trained or validated it (evaluation refuses to score it on them)."""
+    images = dict(images or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     first = model.net if isinstance(model.net, nn.Linear) else model.net[0]
@@ -159,7 +163,7 @@ def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable
                "branch": branch, "fingerprint": fingerprint,
                "in_dim": int(first.in_features), "hidden": 0 if isinstance(model.net, nn.Linear) else
                int(first.out_features), "dropout": 0.0 if isinstance(model.net, nn.Linear) else
-               float(model.net[2].p), "images": sorted(images)}
+               float(model.net[2].p), "images": sorted(images), "image_digests": images}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -169,7 +173,8 @@ def load_classifier(path: str | Path, source: str | None = None, fingerprint: st
                     branch: str | None = None) -> tuple[CellClassifier, ClassTable, dict]:
     """Read ``classifier.pt``; with ``source``/``fingerprint``/``branch`` given, refuse a classifier trained for
     other embeddings (ValueError naming the file). Returns the model (eval mode), its class table and its metadata
-    (``branch``: ``nuclei_type_map`` for files written before it was recorded)."""
+    (``branch``: ``nuclei_type_map`` for files written before it was recorded; ``images``: ``{name: pixel digest}``
+    of the images it has seen, "" where the digest was not recorded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: classifier file not found")
@@ -178,7 +183,8 @@ def load_classifier(path: str | Path, source: str | None = None, fingerprint: st
         meta = {k: payload[k] for k in ("classes", "colours", "source", "fingerprint", "in_dim", "hidden",
                                         "dropout")}
         meta["branch"] = payload.get("branch", "nuclei_type_map")
-        meta["images"] = list(payload.get("images", []))
+        digests = dict(payload.get("image_digests", {}))
+        meta["images"] = {name: digests.get(name, "") for name in payload.get("images", [])}
     except (KeyError, TypeError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a cell classifier file ({e})") from e
     if source is not None and meta["source"] != source:

@@ -14,14 +14,16 @@ bundle builds (CellVTA, CellViT, any backbone preset) works unchanged.
 
 Cache file ``<name>.npz``: ``ids`` (N,) int32 instance ids, ``centroids`` (N, 2) float32 (x, y) pixels,
 ``embeddings`` (N, D) float32, ``head_probs`` (N, C) float32 (the network's own type branch: mean softmax over
-the nucleus, background included), ``source`` and ``fingerprint`` (str), ``image`` (the source path).
+the nucleus, background included), ``source`` and ``fingerprint`` (str), ``image`` (the source path) and
+``image_digest`` (``scripts.data.datasets.image_digest`` of its pixels: a cached file is reused only for the same
+pixels, and a cell classifier records which images it has seen by it).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..data.datasets import read_image, read_label
+from ..data.datasets import image_digest, read_image, read_label
 from ..files import atomic_path
 from ..model.adapter import tokens_to_map
 from ..nuclei.postprocess import hovernet_postprocess
@@ -110,6 +112,7 @@ class CellEmbeddings:
     source: str
     fingerprint: str
     image: str = ""
+    image_digest: str = ""
 
     def save(self, path: str | Path) -> Path:
         """Write the cache file atomically."""
@@ -118,7 +121,8 @@ class CellEmbeddings:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, ids=self.ids, centroids=self.centroids, embeddings=self.embeddings,
                      head_probs=self.head_probs, source=np.str_(self.source),
-                     fingerprint=np.str_(self.fingerprint), image=np.str_(self.image))
+                     fingerprint=np.str_(self.fingerprint), image=np.str_(self.image),
+                     image_digest=np.str_(self.image_digest))
         return path
 
     @classmethod
@@ -134,10 +138,11 @@ class CellEmbeddings:
                 if missing:
                     raise ValueError(f"{path}: not a cell embedding file (missing {missing})")
                 a = {k: z[k] for k in keys}
+                digest = str(z["image_digest"]) if "image_digest" in z.files else ""  # "": an older cache file
         except (OSError, EOFError) as e:
             raise ValueError(f"{path}: unreadable embedding file ({e})") from e
         return cls(a["ids"], a["centroids"], a["embeddings"], a["head_probs"], str(a["source"]),
-                   str(a["fingerprint"]), str(a["image"]))
+                   str(a["fingerprint"]), str(a["image"]), digest)
 
 
 def _centroids(inst_map: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
@@ -273,7 +278,7 @@ class CellEmbedder:
     def __call__(self, image: np.ndarray, inst_map: np.ndarray | None = None, name: str = "") -> CellEmbeddings:
         """Embed the nuclei of ``inst_map`` (H, W) (ground truth), or, when None, those the network detects."""
         features, out = self.maps(image, decoder=inst_map is None or self.type_head)
-        return self.pool(features, out, inst_map, name, image.shape[:2])
+        return replace(self.pool(features, out, inst_map, name, image.shape[:2]), image_digest=image_digest(image))
 
     def pool(self, features: torch.Tensor, out: dict[str, torch.Tensor], inst_map: np.ndarray | None, name: str,
              size: tuple[int, int]) -> CellEmbeddings:
@@ -300,7 +305,8 @@ class CellEmbedder:
 
 
 def embed_files(embedder: CellEmbedder, items: Iterable[dict], out_dir: str | Path) -> tuple[list[Path], list[str]]:
-    """Embed every item into ``<out_dir>/<name>.npz``, skipping files already cached for this model and source.
+    """Embed every item into ``<out_dir>/<name>.npz``, skipping files already cached for this model, source and
+    image pixels (an image changed since, re-cropped or re-normalised under the same name, is embedded again).
 
     Args:
         items: dicts with ``image`` (path), ``name`` and optionally ``inst_map`` (a label npz of the dataset
@@ -314,13 +320,16 @@ def embed_files(embedder: CellEmbedder, items: Iterable[dict], out_dir: str | Pa
     for item in items:
         path = out_dir / f"{item['name']}.npz"
         try:
+            image = read_image(item["image"])
+            digest = image_digest(image)
             if path.is_file():
                 cached = CellEmbeddings.load(path)
-                if (cached.fingerprint, cached.source) == (embedder.fingerprint, embedder.source):
+                if (cached.fingerprint, cached.source, cached.image_digest) == (embedder.fingerprint,
+                                                                                embedder.source, digest):
                     paths.append(path)
                     continue
             inst = read_label(item["inst_map"], "inst_map") if item.get("inst_map") else None
-            paths.append(embedder(read_image(item["image"]), inst, str(item["image"])).save(path))
+            paths.append(embedder(image, inst, str(item["image"])).save(path))
         except (OSError, ValueError, KeyError) as e:
             errors.append(f"{item.get('image', item)}: {e}")
     return paths, errors

@@ -80,17 +80,19 @@ def _gpu_energy_mj() -> float | None:
 
 def _labelled(embedding_dir: str, classes: ClassTable, label_source: str, label_dir: str | None,
               dataset_classes: list[str] | None, class_map: dict | None, match_radius_um: float, mpp: float,
-              point_units: str) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], dict, str, str, list[str]]:
+              point_units: str) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], dict, str, str, dict[str, str],
+                                         list[str]]:
     """Per cached image: (name, embeddings of the labelled nuclei, their class ids); the label report; the
-    embeddings' source and fingerprint; the per-file errors."""
+    embeddings' source and fingerprint; ``{name: pixel digest}`` of the cached images; the per-file errors."""
     files = sorted(Path(embedding_dir).glob("*.npz"))
     if not files:
         raise FileNotFoundError(f"{embedding_dir}: no cached embeddings (run the 'embedding' workflow first)")
-    out, report, errors, ids = [], {}, [], set()
+    out, report, errors, ids, digests = [], {}, [], set(), {}
     for path in files:
         try:
             cache = CellEmbeddings.load(path)
             ids.add((cache.source, cache.fingerprint))
+            digests[path.stem] = cache.image_digest
             if label_source == "dataset":
                 names = type_map_labels(cache.ids, Path(label_dir) / "labels" / f"{path.stem}.npz", dataset_classes)
                 mapped = [None if n is None else (class_map or {}).get(n, n if class_map is None else None)
@@ -124,7 +126,7 @@ def _labelled(embedding_dir: str, classes: ClassTable, label_source: str, label_
     if len(ids) > 1:
         errors.append(f"{embedding_dir}: embeddings of different models or sources mixed: {sorted(ids)}")
     source, fingerprint = next(iter(ids)) if ids else ("", "")
-    return out, report, source, fingerprint, errors
+    return out, report, source, fingerprint, digests, errors
 
 
 def _confusion_png(confusion: list[list[int]], names: list[str], path: Path) -> None:
@@ -191,7 +193,7 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
     """
     wall, cpu, energy = time.perf_counter(), time.process_time(), _gpu_energy_mj()
     table = ClassTable.from_config(classes)
-    per_image, report, source, fingerprint, errors = _labelled(
+    per_image, report, source, fingerprint, digests, errors = _labelled(
         embedding_dir, table, label_source, label_dir, dataset_classes, class_map, match_radius_um, mpp, point_units)
     _fail_on(errors, f"labels for {embedding_dir}")
     if not per_image:
@@ -220,7 +222,8 @@ def run_training(embedding_dir: str, classes: list[dict], output_dir: str, label
     result = train_classifier(x, y, table.names, hidden, dropout, epochs, lr, weight_decay, batch_size,
                               val_fraction, patience, seed, x_val, y_val)
     out = Path(output_dir)
-    model_path = save_classifier(out / "classifier.pt", result.model, table, source, fingerprint, branch, names)
+    model_path = save_classifier(out / "classifier.pt", result.model, table, source, fingerprint, branch,
+                                 {name: digests[name] for name in names})
     end_energy = _gpu_energy_mj()
     summary = {"classifier": str(model_path), "source": source, "branch": branch, "fingerprint": fingerprint,
                "classes": table.to_config(), "train_cells": int(len(x)), "val_images": sorted(val),

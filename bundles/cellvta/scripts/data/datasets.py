@@ -28,6 +28,7 @@ this layout from the public datasets, from a folder of the user's own images, or
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -188,6 +189,18 @@ def read_image(path: str | Path) -> np.ndarray:
         elif image.ndim == 3 and image.shape[2] == 4:
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
     return as_rgb_uint8(image, str(path))
+
+
+def image_digest(image: np.ndarray) -> str:
+    """SHA-256 (hex) of an image's pixels and shape: the same picture under any name, path or file format has
+    the same digest, and a changed one (re-cropped, re-normalised) another."""
+    pixels = np.ascontiguousarray(image)
+    return hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
+
+
+def image_digests(items: Iterable[dict]) -> dict[str, str]:
+    """``{name: image_digest}`` of the images of dataset items (:func:`dataset_list`), reading each."""
+    return {item["name"]: image_digest(read_image(item["image"])) for item in items}
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
