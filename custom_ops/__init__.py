@@ -52,7 +52,9 @@ def implementation(device_type: str = "cpu") -> str:
         build.load_library()
         if not torch._C._dispatch_has_kernel_for_dispatch_key(
                 "cellvta::ms_deform_attn", torch._C._dispatch_key_for_device(device_type)):
-            raise build.BuildError(f"the compiled MSDA library has no kernel for {device_type} tensors")
+            cause = build.cuda_build_failure() if device_type == "cuda" else None
+            raise build.BuildError(f"the compiled MSDA library has no kernel for {device_type} tensors"
+                                   + (f" (its CUDA build failed: {cause})" if cause else ""))
         failure = selfcheck.failure(device_type)
         if failure is not None:
             raise build.BuildError(

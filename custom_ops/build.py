@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: dict[bool, str] = {}
 _failed: dict[bool, BuildError] = {}
+_registered: list[Path] = []  # the library that registered the operators in this process (at most one)
 
 
 class BuildError(RuntimeError):
@@ -61,8 +62,12 @@ def cuda_library_includes() -> list[str]:
 
 
 def cuda_runtime_ldflags(cuda_home: str) -> list[str]:
-    """``-L`` for the toolkit folder holding ``libcudart.so`` when it is ``lib`` rather than ``lib64``."""
-    return [f"-L{d}" for d in (Path(cuda_home) / "lib", Path(cuda_home) / "lib64") if (d / "libcudart.so").exists()]
+    """``-L`` for the first folder holding ``libcudart.so``: the toolkit's ``lib`` or ``lib64``, else
+    ``/usr/local/cuda``'s (``cuda_home`` is a guess from ``nvcc``'s location, ``/usr/local`` when ``nvcc`` is a
+    wrapper script in ``/usr/local/bin``)."""
+    folders = [Path(cuda_home) / "lib", Path(cuda_home) / "lib64", Path("/usr/local/cuda/lib64"),
+               Path("/usr/local/cuda/lib")]
+    return next(([f"-L{d}"] for d in folders if (d / "libcudart.so").exists()), [])
 
 
 def environment_key(
@@ -115,7 +120,8 @@ def build(cuda: bool, build_directory: str | os.PathLike | None = None, verbose:
         verbose: print the compiler commands and output.
 
     Raises:
-        BuildError: with the reason (missing compiler, compile error, load error).
+        BuildError: with the reason (missing compiler, compile error, load error, or another build of the
+            operators already loaded in this process: they can be registered once per process).
     """
     from torch.utils import cpp_extension
 
@@ -124,6 +130,9 @@ def build(cuda: bool, build_directory: str | os.PathLike | None = None, verbose:
     folder.mkdir(parents=True, exist_ok=True)
     sources = CUDA_SOURCES if cuda else CPU_SOURCES
     library = folder / f"{name}.so"
+    if _registered and _registered[0] != library.resolve():
+        raise BuildError(f"{library}: the MSDA operators are already loaded in this process from {_registered[0]} "
+                         "(they can be registered once per process: build or load this library in another one)")
     before = library.stat().st_mtime_ns if library.exists() else None
     if not _up_to_date(library, sources):
         logger.warning(f"compiling the MSDA op for {Path(sys.prefix).name} (torch {torch.__version__}, "
@@ -148,6 +157,8 @@ def build(cuda: bool, build_directory: str | os.PathLike | None = None, verbose:
         raise
     except Exception as exc:  # compiler, linker and loader failures all surface here
         raise BuildError(f"building {name} failed: {_summary(str(exc))}") from exc
+    if not _registered:
+        _registered.append(Path(path).resolve())
     if library.exists() and library.stat().st_mtime_ns != before:
         logger.warning(f"compiling the MSDA op for {Path(sys.prefix).name} done in "
                        f"{time.perf_counter() - start:.0f} s")
@@ -155,27 +166,34 @@ def build(cuda: bool, build_directory: str | os.PathLike | None = None, verbose:
 
 
 def load_library() -> str:
-    """Build and load the default extension once per process (CPU, plus CUDA when usable).
+    """Build and load the default extension once per process: with the CUDA kernels when a CUDA device is usable,
+    else, or when that build fails (a warning gives the reason), the CPU kernels only.
 
     Returns the library path; raises (every time, from the cached failure) ``BuildError``.
     """
-    cuda = cuda_wanted()
     with _lock:
-        if cuda in _loaded:
-            return _loaded[cuda]
-        if cuda in _failed:
-            raise _failed[cuda]
-        if _loaded:  # the schema is already registered by the other flavour
+        if _loaded:  # one library per process: the operators' schema is registered once
             return next(iter(_loaded.values()))
-        try:
-            _loaded[cuda] = build(cuda)
-        except BuildError as exc:
-            _failed[cuda] = exc
-            raise
-        from . import ops
+        for cuda in ([True, False] if cuda_wanted() else [False]):
+            if cuda in _failed:
+                continue
+            try:
+                _loaded[cuda] = build(cuda)
+            except BuildError as exc:
+                _failed[cuda] = exc
+                if cuda:
+                    logger.warning(f"the CUDA build of the MSDA op failed, building the CPU kernels only: {exc}")
+                continue
+            from . import ops
 
-        ops.register()
-        return _loaded[cuda]
+            ops.register()
+            return _loaded[cuda]
+        raise _failed[False]
+
+
+def cuda_build_failure() -> BuildError | None:
+    """Why the CUDA build of :func:`load_library` failed in this process (None: it did not fail or was not tried)."""
+    return _failed.get(True)
 
 
 def _summary(text: str, lines: int = 8) -> str:

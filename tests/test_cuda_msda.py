@@ -106,6 +106,19 @@ def test_cuda_kernel_refuses_bad_levels_and_devices():
         compiled_op(value, shapes, starts + 1, loc, weights)
 
 
+def test_cuda_backward_checks_grad_output_and_is_flagged_nondeterministic():
+    value, shapes, starts, loc, weights = on_cuda(random_inputs(1, 2, 2, [(4, 4), (2, 2)], 3, torch.float32))
+    grad = torch.ones_like(torch.ops.cellvta.ms_deform_attn(value, shapes, starts, loc, weights))
+    with pytest.raises(RuntimeError, match="grad_output must be .* of value's dtype and device"):
+        torch.ops.cellvta.ms_deform_attn_backward(grad.cpu(), value, shapes, starts, loc, weights)
+    torch.use_deterministic_algorithms(True)
+    try:  # grad_value accumulates by atomicAdd
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda does not have a deterministic"):
+            torch.ops.cellvta.ms_deform_attn_backward(grad, value, shapes, starts, loc, weights)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_first_use_self_check_passes_on_cuda():
     code = (
         "import warnings, torch, custom_ops\n"

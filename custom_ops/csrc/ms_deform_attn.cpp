@@ -245,8 +245,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Geometry g = geometry(value, spatial_shapes, level_start_index, sampling_locations);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.lq, g.m * g.d}) &&
-                  grad_output.scalar_type() == value.scalar_type() && grad_output.is_contiguous(),
-              "ms_deform_attn_backward: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype");
+                  grad_output.scalar_type() == value.scalar_type() && grad_output.is_contiguous() &&
+                  grad_output.device() == value.device(),
+              "ms_deform_attn_backward: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype "
+              "and device");
   // Heads are independent; when there are too few of them to keep every thread busy, the
   // queries of a head are split into chunks that accumulate into private buffers.
   const int64_t heads = g.n * g.m, threads = at::get_num_threads();

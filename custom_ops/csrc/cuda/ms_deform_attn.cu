@@ -127,8 +127,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   const int64_t lq = sampling_locations.size(1), levels = sampling_locations.size(3),
                 points = sampling_locations.size(4);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({n, lq, m * d}) && grad_output.is_contiguous() &&
-                  grad_output.scalar_type() == value.scalar_type(),
-              "ms_deform_attn_backward: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype");
+                  grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
+              "ms_deform_attn_backward: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype "
+              "and device");
+  // grad_value accumulates with atomicAdd: its summation order varies from run to run
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   at::Tensor grad_value = at::zeros_like(value);
   at::Tensor grad_locations = at::empty_like(sampling_locations);
   at::Tensor grad_weights = at::empty_like(attention_weights);
