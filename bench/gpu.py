@@ -233,7 +233,9 @@ def stage_build(scale: Scale) -> dict:
     path = build.load_library()
     seconds = time.perf_counter() - started
     impl = custom_ops.implementation(scale.device)
+    failure = build.cuda_build_failure()
     return {"library": Path(path).name, "build_s": round(seconds, 1), "implementation": impl,
+            "cuda_build_failure": None if failure is None else str(failure),
             "self_check_failure": selfcheck.failure(scale.device), "nvcc": nvcc_version()}
 
 

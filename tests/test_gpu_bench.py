@@ -41,6 +41,7 @@ def test_the_smoke_run_takes_every_stage_through_the_cpu(consep_npz, tmp_path):
     stages = ("build", "parity", "msda", "models", "precision", "wsi")
     assert not [s for s in stages if "error" in report[s]], {s: report[s] for s in stages if "error" in report[s]}
     assert report["build"]["implementation"] == "compiled" and report["build"]["self_check_failure"] is None
+    assert report["build"]["cuda_build_failure"] is None  # no CUDA build is tried without a GPU
     assert report["parity"]["exit_code"] == 0 and report["parity"]["tests"] > 0
     assert report["msda"]["max_abs_diff_fwd"] < 1e-5
     for model in ("cellvta", "cellvit"):
