@@ -156,3 +156,39 @@ def test_bad_dicom_series_fail_alone_with_the_folder_or_file_named(cohort, tmp_p
         run_cohort([two, truncated, good], tmp_path / "out", HematoxylinPredictor(), CLASSES, SETTINGS)
     assert "two_series: holds 2" in str(failed.value) and "level0.dcm: not a readable" in str(failed.value)
     assert (tmp_path / "out" / "good.json").is_file()
+
+
+def make_sparse(path: Path, tile: int, missing: tuple[int, int]) -> None:
+    """Rewrite the TILED_FULL level at ``path`` as TILED_SPARSE without the frame at (row, column) ``missing``."""
+    ds = pydicom.dcmread(path)
+    rows, cols = -(-ds.TotalPixelMatrixRows // tile), -(-ds.TotalPixelMatrixColumns // tile)
+    frames = np.frombuffer(ds.PixelData, np.uint8).reshape(rows * cols, tile, tile, 3)
+    kept = [(r, c) for r in range(rows) for c in range(cols) if (r, c) != missing]
+    positions = []
+    for r, c in kept:
+        position = Dataset()
+        position.ColumnPositionInTotalImagePixelMatrix = c * tile + 1
+        position.RowPositionInTotalImagePixelMatrix = r * tile + 1
+        position.XOffsetInSlideCoordinateSystem = position.YOffsetInSlideCoordinateSystem = 0
+        position.ZOffsetInSlideCoordinateSystem = 0
+        frame = Dataset()
+        frame.PlanePositionSlideSequence = [position]
+        positions.append(frame)
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.PerFrameFunctionalGroupsSequence = positions
+    ds.NumberOfFrames = len(kept)
+    ds.PixelData = b"".join(frames[r * cols + c].tobytes() for r, c in kept)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_the_tiles_a_sparse_dicom_slide_lacks_read_as_glass_not_black(tmp_path):
+    image = np.random.default_rng(0).integers(0, 200, (128, 192, 3), dtype=np.uint8)  # no pixel is white
+    slide = tmp_path / "sparse"
+    slide.mkdir()
+    write_dicom_level(slide / "level0.dcm", image, image.shape[:2], 0.25, generate_uid(), tile=64)
+    make_sparse(slide / "level0.dcm", tile=64, missing=(0, 1))
+    with open_slide(slide) as s:
+        region = s.read_region(0, 0, 192, 128)
+    assert (region[:64, 64:128] == 255).all()  # the missing frame: white, the colour of glass
+    region[:64, 64:128] = image[:64, 64:128]
+    assert np.array_equal(region, image)  # every present frame exactly

@@ -16,7 +16,8 @@ opened by OpenSlide from any one of them. It is named by its folder, which must 
 one series with pyramid (``VOLUME``) images (:func:`dicom_series`), or by one of its ``.dcm`` files.
 
 Coordinates: ``(x, y)`` in pixels of the level named, ``x`` along the width; regions that reach beyond the slide
-are filled with white (255), the colour of glass.
+are filled with white (255), the colour of glass, and so are the areas a slide leaves unscanned (the missing tiles
+of sparse DICOM or MRXS slides, transparent in OpenSlide's RGBA: :func:`over_white`).
 """
 
 from __future__ import annotations
@@ -118,6 +119,15 @@ class Slide(ABC):
         self.close()
 
 
+def over_white(rgba: np.ndarray) -> np.ndarray:
+    """``(H, W, 4)`` uint8 RGBA (not premultiplied, as OpenSlide returns it) laid over white: ``(H, W, 3)`` RGB.
+
+    Transparent pixels (the tiles a sparse slide lacks) become the white of glass, not black.
+    """
+    alpha = rgba[..., 3:].astype(np.uint32)
+    return ((rgba[..., :3] * alpha + BACKGROUND * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
 class OpenSlideSlide(Slide):
     """A slide read by OpenSlide through MONAI's ``WSIReader(backend="openslide")``.
 
@@ -150,11 +160,11 @@ class OpenSlideSlide(Slide):
         scale = self.level_downsamples[level]
         try:
             data, _ = self._reader.get_data(self._wsi, location=(round(y * scale), round(x * scale)),
-                                            size=(height, width), level=level, mode="RGB")
+                                            size=(height, width), level=level, mode="RGBA")
         except Exception as err:
             raise SlideError(f"{self.path}: cannot read region x={x} y={y} {width}x{height} at level {level} "
                              f"({type(err).__name__}: {err})") from err
-        return np.asarray(data, dtype=np.uint8)
+        return over_white(np.asarray(data, dtype=np.uint8))
 
     def close(self) -> None:
         self._wsi.close()
