@@ -165,6 +165,9 @@ def test_the_kernel_itself_refuses_bad_levels():
     grad = torch.zeros(1, 3, 16)
     with pytest.raises(ValueError, match="level_start_index"):
         torch.ops.cellvta.ms_deform_attn_backward(grad, value, shapes, starts + 1, loc, weights)
+    for bad in (grad[:, :2], grad.double(), torch.zeros(1, 16, 3).transpose(1, 2)):  # shape, dtype, layout
+        with pytest.raises(RuntimeError, match=r"grad_output must be a contiguous \(N, Lq, M \* D\) tensor"):
+            torch.ops.cellvta.ms_deform_attn_backward(bad, value, shapes, starts, loc, weights)
 
 
 def test_layout_check_runs_under_torch_compile():

@@ -76,6 +76,15 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, con
                     " values but value has S = ", value.size(1));
 }
 
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& sampling_locations) {
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({value.size(0), sampling_locations.size(1),
+                                                      value.size(2) * value.size(3)}) &&
+                  grad_output.scalar_type() == value.scalar_type() && grad_output.is_contiguous() &&
+                  grad_output.device() == value.device(),
+              "ms_deform_attn_backward: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype "
+              "and device");
+}
+
 namespace {
 
 struct Geometry {
@@ -243,12 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& sampling_locations,
                                                             const at::Tensor& attention_weights) {
   check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_grad_output(grad_output, value, sampling_locations);
   const Geometry g = geometry(value, spatial_shapes, level_start_index, sampling_locations);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.lq, g.m * g.d}) &&
-                  grad_output.scalar_type() == value.scalar_type() && grad_output.is_contiguous() &&
-                  grad_output.device() == value.device(),
-              "ms_deform_attn_backward: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype "
-              "and device");
   // Heads are independent; when there are too few of them to keep every thread busy, the
   // queries of a head are split into chunks that accumulate into private buffers.
   const int64_t heads = g.n * g.m, threads = at::get_num_threads();

@@ -1,7 +1,8 @@
 // Multi-scale deformable attention: what the CPU and CUDA kernels share, so the two cannot drift.
 //
 // - check_inputs: ranks, sizes, dtypes, devices, contiguity and the level layout, run by every
-//   kernel (CPU and CUDA) before it touches memory, also when the op runs inside torch.compile.
+//   kernel (CPU and CUDA) before it touches memory, also when the op runs inside torch.compile;
+//   check_grad_output: the backward's incoming gradient against the checked inputs.
 // - locate: the sampling coordinate and bilinear corners of one location, compiled for the host
 //   and, under nvcc, for the device.
 #pragma once
@@ -26,6 +27,9 @@ namespace cellvta {
 // device-to-host copy per call. Errors are ValueError (shapes, layout) or TypeError (dtypes).
 void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights);
+
+// Checks the backward's grad_output: contiguous (N, Lq, M * D) of value's dtype and device.
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& sampling_locations);
 
 template <typename T>
 CELLVTA_HOST_DEVICE T floor_of(T v) {

@@ -1,6 +1,6 @@
 // Multi-scale deformable attention: CUDA kernels, registered for the CUDA dispatch key.
 //
-// Same shapes as the CPU kernels in ../ms_deform_attn.cpp; the input checks (check_inputs) and the
+// Same shapes as the CPU kernels in ../ms_deform_attn.cpp; the input checks (check_inputs, check_grad_output) and the
 // sampling coordinate (locate) come from ../ms_deform_attn.h, shared with them.
 // Forward: one thread per output element (n, q, m, channel). Backward: one thread per sample
 // (n, q, m, level, point); it owns that sample's location and weight gradients and adds its
@@ -122,14 +122,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                              const at::Tensor& sampling_locations,
                                                              const at::Tensor& attention_weights) {
   check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_grad_output(grad_output, value, sampling_locations);
   const c10::cuda::CUDAGuard guard(value.device());
   const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
   const int64_t lq = sampling_locations.size(1), levels = sampling_locations.size(3),
                 points = sampling_locations.size(4);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({n, lq, m * d}) && grad_output.is_contiguous() &&
-                  grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
-              "ms_deform_attn_backward: grad_output must be a contiguous (N, Lq, M * D) tensor of value's dtype "
-              "and device");
   // grad_value accumulates with atomicAdd: its summation order varies from run to run
   at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   at::Tensor grad_value = at::zeros_like(value);
