@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real data beside the repository (``../shared/data``)."""
+"""Shared test fixtures: the real data beside the repository (``../shared/data``), exact float32 on a GPU."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -34,3 +35,12 @@ def consep(consep_npz: Path) -> dict[str, np.ndarray]:
 def fixtures_dir() -> Path:
     """Folder with the post-processing and metric reference fixtures."""
     return _require(SHARED_DATA / "fixtures")
+
+
+@pytest.fixture
+def no_tf32():
+    """Exact float32 convolutions and matmuls on a GPU (no TF32), so that GPU results compare with exact ones."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -157,6 +157,14 @@ def wait_for_training(server) -> dict:
         time.sleep(2)
 
 
+def train(server, task: str, request: dict) -> None:
+    """Start training ``task`` (``cellvta``, ``cellvta_classifier``) with ``request`` and wait until it is done."""
+    started = call(server, "POST", f"/train/{task}", json=request)
+    assert started.status_code == 200, started.text
+    status = wait_for_training(server)
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+
+
 def normalised_tile(server, consep, stains, name: str) -> Path:
     """Tile A normalised by hand to the server's target stains, as a PNG."""
     from scripts.data.stain import MacenkoNormalizer
@@ -205,11 +213,7 @@ def test_labelled_cells_train_the_classifier_and_inference_returns_its_classes(c
     info = call(cells_server, "GET", "/info/").json()
     assert set(info["trainers"]) == {"cellvta", "cellvta_classifier"}
     assert info["trainers"]["cellvta_classifier"]["config"]["epochs"] == 200  # configs/classifier.yaml
-    started = call(cells_server, "POST", "/train/cellvta_classifier",
-                   json={"epochs": 50, "hidden": 0, "match_radius_um": 6})
-    assert started.status_code == 200, started.text
-    status = wait_for_training(cells_server)
-    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    train(cells_server, "cellvta_classifier", {"epochs": 50, "hidden": 0, "match_radius_um": 6})
 
     names = ["large", "small"]
     stats = call(cells_server, "GET", "/info/").json()["train_stats"]["cellvta_classifier"]
@@ -247,10 +251,7 @@ def test_new_weights_train_the_served_classifier_again_with_its_last_request(cel
 
     before = call(cells_server, "GET", "/info/").json()["train_stats"]["cellvta_classifier"]
     old_fingerprint = load_classifier(probe_model / "classifier.pt")[2]["fingerprint"]
-    started = call(cells_server, "POST", "/train/cellvta", json={"epochs": 1, "batch_size": 2})
-    assert started.status_code == 200, started.text
-    status = wait_for_training(cells_server)
-    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    train(cells_server, "cellvta", {"epochs": 1, "batch_size": 2})
 
     info = call(cells_server, "GET", "/info/").json()
     retrained = info["train_stats"]["cellvta"]["classifier"]
@@ -277,10 +278,7 @@ def test_a_classifier_that_cannot_be_trained_again_is_reported_and_the_new_weigh
     record["request"]["classes"] = ["tumour", "immune"]
     record_file.write_text(json.dumps(record))
     weights = (probe_model / "model.pt").read_bytes()
-    started = call(cells_server, "POST", "/train/cellvta", json={"epochs": 1, "batch_size": 2})
-    assert started.status_code == 200, started.text
-    status = wait_for_training(cells_server)
-    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    train(cells_server, "cellvta", {"epochs": 1, "batch_size": 2})
 
     info = call(cells_server, "GET", "/info/").json()
     error = info["train_stats"]["cellvta"]["classifier"]

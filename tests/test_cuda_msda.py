@@ -135,15 +135,6 @@ def test_first_use_self_check_passes_on_cuda():
     assert result.stdout.strip() == "compiled []", result.stdout
 
 
-@pytest.fixture
-def no_tf32():
-    """Exact float32 convolutions and matmuls, so the two runs differ only by the MSDA op."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def test_cellvta_forward_compiled_op_matches_reference_op_on_cuda(no_tf32):
     from scripts.model.network import CellVTA
 

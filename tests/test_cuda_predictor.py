@@ -33,15 +33,6 @@ def tiles() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
 
 
-@pytest.fixture
-def no_tf32():
-    """Exact float32 convolutions and matmuls on the GPU, so that it computes what the CPU does."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def test_gpu_predictor_in_float32_gives_the_cpu_maps_without_autocast(tiles, no_tf32):
     origins = np.zeros((len(tiles), 2), np.int64)
     cpu = NetworkPredictor(network(), "cpu", NUM_CLASSES, dtype=torch.float32)(tiles, origins)

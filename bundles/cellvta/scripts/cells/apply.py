@@ -46,7 +46,7 @@ def check_unseen(path: Path, trained_on: Mapping[str, str], evaluated: Mapping[s
                   if (digest in digests if by_pixels else name in trained_on))
     if seen:
         listed = ", ".join(seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
-        raise ValueError(f"{path}: trained on {len(seen)} of the {len(set(evaluated))} evaluated images ({listed}); "
+        raise ValueError(f"{path}: trained on {len(seen)} of the {len(evaluated)} evaluated images ({listed}); "
                          "score it on images it has not seen (configs/classifier.yaml: classifier_held_out_splits)")
 
 

@@ -7,10 +7,9 @@ split, early stopping on the validation macro-F1 (the best epoch's weights are k
 
 ``classifier.pt`` (read with ``torch.load(weights_only=True)``): ``state_dict``, ``classes`` and ``colours`` (the
 class table), ``source``, ``branch`` (the decoder branch of the ``decoder`` source) and ``fingerprint`` (the
-embeddings it was trained for), ``in_dim``, ``hidden``, ``dropout``, ``images`` (the names of the images whose
-nuclei trained or validated it; empty in files written before it was recorded) and ``image_digests`` (``{name:
-pixel digest}`` of those images, ``scripts.data.datasets.image_digest``; "" for an image embedded before digests
-were recorded).
+embeddings it was trained for), ``in_dim``, ``hidden``, ``dropout`` and ``images`` (``{name: pixel digest}`` of
+the images whose nuclei trained or validated it, ``scripts.data.datasets.image_digest``; "" for an image embedded
+before digests were recorded; empty in files written before it was recorded).
 """
 
 from __future__ import annotations
@@ -154,7 +153,6 @@ def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable
                     ) -> Path:
     """Write ``classifier.pt`` atomically (module docstring); ``images``: ``{name: pixel digest}`` of the images
     whose nuclei trained or validated it (evaluation refuses to score it on them)."""
-    images = dict(images or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     first = model.net if isinstance(model.net, nn.Linear) else model.net[0]
@@ -163,7 +161,7 @@ def save_classifier(path: str | Path, model: CellClassifier, classes: ClassTable
                "branch": branch, "fingerprint": fingerprint,
                "in_dim": int(first.in_features), "hidden": 0 if isinstance(model.net, nn.Linear) else
                int(first.out_features), "dropout": 0.0 if isinstance(model.net, nn.Linear) else
-               float(model.net[2].p), "images": sorted(images), "image_digests": images}
+               float(model.net[2].p), "images": dict(images or {})}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -183,8 +181,7 @@ def load_classifier(path: str | Path, source: str | None = None, fingerprint: st
         meta = {k: payload[k] for k in ("classes", "colours", "source", "fingerprint", "in_dim", "hidden",
                                         "dropout")}
         meta["branch"] = payload.get("branch", "nuclei_type_map")
-        digests = dict(payload.get("image_digests", {}))
-        meta["images"] = {name: digests.get(name, "") for name in payload.get("images", [])}
+        meta["images"] = dict(payload.get("images", {}))
     except (KeyError, TypeError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a cell classifier file ({e})") from e
     if source is not None and meta["source"] != source:

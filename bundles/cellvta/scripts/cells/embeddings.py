@@ -278,7 +278,7 @@ class CellEmbedder:
     def __call__(self, image: np.ndarray, inst_map: np.ndarray | None = None, name: str = "") -> CellEmbeddings:
         """Embed the nuclei of ``inst_map`` (H, W) (ground truth), or, when None, those the network detects."""
         features, out = self.maps(image, decoder=inst_map is None or self.type_head)
-        return replace(self.pool(features, out, inst_map, name, image.shape[:2]), image_digest=image_digest(image))
+        return self.pool(features, out, inst_map, name, image.shape[:2])
 
     def pool(self, features: torch.Tensor, out: dict[str, torch.Tensor], inst_map: np.ndarray | None, name: str,
              size: tuple[int, int]) -> CellEmbeddings:
@@ -329,7 +329,8 @@ def embed_files(embedder: CellEmbedder, items: Iterable[dict], out_dir: str | Pa
                     paths.append(path)
                     continue
             inst = read_label(item["inst_map"], "inst_map") if item.get("inst_map") else None
-            paths.append(embedder(image, inst, str(item["image"])).save(path))
+            cells = embedder(image, inst, str(item["image"]))
+            paths.append(replace(cells, image_digest=digest).save(path))
         except (OSError, ValueError, KeyError) as e:
             errors.append(f"{item.get('image', item)}: {e}")
     return paths, errors
